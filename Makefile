@@ -1,0 +1,29 @@
+# dstack: two commands for a new user.
+#   make demo   installs HAProxy if missing, builds, runs the walkthrough on loopback
+#   make test   installs HAProxy if missing, runs every test (unit and end-to-end)
+
+CARGO ?= cargo
+
+.PHONY: all build demo test lint bench deps clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release --bins --examples
+
+demo: deps build
+	@scripts/demo.sh
+
+test: deps
+	$(CARGO) test --all-targets
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf .demo

@@ -1,0 +1,240 @@
+//! The directory: live instances from heartbeats, merged into numbered
+//! snapshots that sherlocks follow with blocking queries.
+
+pub mod api;
+pub mod merge;
+pub mod registry;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Heartbeat, InstanceId, Snapshot};
+use registry::{Change, Registry};
+
+/// Validated settings of one directory.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The name it reports (`-n services`).
+    pub name: String,
+    /// The address it advertises (`-a //services/directory`), for status only.
+    pub address: Option<String>,
+    /// Where the HTTP API listens.
+    pub listen: SocketAddr,
+    /// Where it keeps its state (the routes clone).
+    pub state_dir: Option<PathBuf>,
+    /// The largest TTL a heartbeat may ask for; also how long a fresh
+    /// directory marks its snapshots `warming`.
+    pub max_ttl: Duration,
+}
+
+/// What the directory knows of a sherlock that follows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SherlockSeen {
+    /// The snapshot index it reported as applied.
+    pub applied: u64,
+    /// Its address as seen from here.
+    pub peer: String,
+    /// When it last asked for a snapshot.
+    #[serde(skip)]
+    pub last_seen: Instant,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub heartbeats: AtomicU64,
+    pub deregistrations: AtomicU64,
+    pub expiries: AtomicU64,
+    pub snapshots_published: AtomicU64,
+    pub bad_requests: AtomicU64,
+}
+
+/// Mutable state, behind one std `Mutex`: every critical section is short
+/// and never awaits, so a tokio mutex would only add cost.
+#[derive(Debug, Default)]
+struct Inner {
+    registry: Registry,
+    sherlocks: HashMap<String, SherlockSeen>,
+}
+
+/// One running directory, shared by the HTTP handlers and the expiry loop.
+pub struct Directory {
+    pub config: Config,
+    started: Instant,
+    started_at: SystemTime,
+    inner: Mutex<Inner>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    pub metrics: Metrics,
+    /// Cancelled at shutdown so that blocking queries return at once.
+    shutdown: CancellationToken,
+}
+
+impl Directory {
+    pub fn new(config: Config, shutdown: CancellationToken) -> Arc<Directory> {
+        let first = Snapshot { index: 1, warming: !config.max_ttl.is_zero(), ..Snapshot::default() };
+        Arc::new(Directory {
+            config,
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+            inner: Mutex::new(Inner::default()),
+            snapshots: watch::Sender::new(Arc::new(first)),
+            metrics: Metrics::default(),
+            shutdown,
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.subscribe()
+    }
+
+    fn warming(&self) -> bool {
+        self.started.elapsed() < self.config.max_ttl
+    }
+
+    pub fn heartbeat(&self, id: InstanceId, heartbeat: Heartbeat) {
+        self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.inner.lock().unwrap();
+        if inner.registry.heartbeat(id.clone(), heartbeat, Instant::now()) == Change::Membership {
+            tracing::info!(instance = %id, "registered");
+            self.publish(&inner);
+        }
+    }
+
+    /// Deregisters an instance; true when it was registered.
+    pub fn deregister(&self, id: &InstanceId) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        let removed = inner.registry.remove(id);
+        if removed {
+            self.metrics.deregistrations.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(instance = %id, "deregistered");
+            self.publish(&inner);
+        }
+        removed
+    }
+
+    /// Expires instances whose TTL has passed and ends warming when due.
+    fn tick(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        let expired = inner.registry.expire(Instant::now());
+        for (id, entry) in &expired {
+            tracing::warn!(instance = %id, service = %entry.heartbeat.service, "expired: no heartbeat within its ttl");
+        }
+        self.metrics.expiries.fetch_add(expired.len() as u64, Ordering::Relaxed);
+        let warming_ended = self.snapshots.borrow().warming && !self.warming();
+        if !expired.is_empty() || warming_ended {
+            self.publish(&inner);
+        }
+    }
+
+    /// Rebuilds the snapshot and publishes it under a new index if its content
+    /// changed. Called with the lock held, so indexes follow mutations in order.
+    fn publish(&self, inner: &Inner) {
+        let merged = merge::merge(inner.registry.iter().map(|(id, e)| (id, &e.heartbeat)));
+        let warming = self.warming();
+        let current = self.snapshot();
+        if current.services == merged.services && current.warnings == merged.warnings && current.warming == warming {
+            return;
+        }
+        let next = Snapshot {
+            index: current.index + 1,
+            commit: current.commit.clone(),
+            warming,
+            services: merged.services,
+            warnings: merged.warnings,
+        };
+        tracing::info!(index = next.index, services = next.services.len(), warming, "snapshot published");
+        self.metrics.snapshots_published.fetch_add(1, Ordering::Relaxed);
+        self.snapshots.send_replace(Arc::new(next));
+    }
+
+    /// Records that a sherlock asked for a snapshot, having applied `applied`.
+    pub fn saw_sherlock(&self, name: String, applied: u64, peer: SocketAddr) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.sherlocks.insert(name, SherlockSeen { applied, peer: peer.to_string(), last_seen: Instant::now() });
+    }
+
+    /// The registry as `dw route list` and the status page show it.
+    pub fn instances(&self) -> Vec<api::InstanceStatus> {
+        let inner = self.inner.lock().unwrap();
+        let now = Instant::now();
+        let mut list: Vec<api::InstanceStatus> = inner
+            .registry
+            .iter()
+            .map(|(id, e)| api::InstanceStatus {
+                id: id.clone(),
+                service: e.heartbeat.service.clone(),
+                version: e.heartbeat.version.clone(),
+                url: e.heartbeat.url.clone(),
+                ttl_ms: e.heartbeat.ttl_ms,
+                last_heartbeat_ms: now.duration_since(e.last_seen).as_millis() as u64,
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.service, &a.id).cmp(&(&b.service, &b.id)));
+        list
+    }
+
+    fn sherlocks(&self) -> Vec<api::SherlockStatus> {
+        let inner = self.inner.lock().unwrap();
+        let mut list: Vec<api::SherlockStatus> = inner
+            .sherlocks
+            .iter()
+            .map(|(name, s)| api::SherlockStatus {
+                name: name.clone(),
+                applied: s.applied,
+                peer: s.peer.clone(),
+                last_seen_ms: s.last_seen.elapsed().as_millis() as u64,
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+}
+
+/// Runs a directory until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if let Some(dir) = &config.state_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating --state-dir {}", dir.display()))?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", config.listen))?;
+    let directory = Directory::new(config, shutdown.clone());
+    tracing::info!(addr = %listener.local_addr()?, name = %directory.config.name, "directory listening");
+
+    let ticker = {
+        let directory = directory.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            // A 100 ms tick bounds expiry lateness; scanning even 10,000
+            // entries costs well under a millisecond.
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = every.tick() => directory.tick(),
+                }
+            }
+        })
+    };
+
+    let app = api::app(directory);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .context("serving the HTTP API")?;
+    ticker.await.ok();
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! The live registry: instances known from heartbeats, each kept until its
+//! TTL runs out without another heartbeat.
+//!
+//! Pure data: time is a parameter, so expiry is unit-tested without sleeping.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::model::{Heartbeat, InstanceId};
+
+/// One registered instance.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// What the instance's watson last said about it.
+    pub heartbeat: Heartbeat,
+    /// When that heartbeat arrived; expiry counts from here.
+    pub last_seen: Instant,
+}
+
+impl Entry {
+    fn expires_at(&self) -> Instant {
+        self.last_seen + Duration::from_millis(self.heartbeat.ttl_ms)
+    }
+}
+
+/// What a heartbeat did to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A new instance, or one whose service, version or URL changed: the
+    /// snapshot must be rebuilt.
+    Membership,
+    /// Only the TTL clock was reset: no subscriber cares.
+    Refreshed,
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    instances: HashMap<InstanceId, Entry>,
+}
+
+impl Registry {
+    pub fn heartbeat(&mut self, id: InstanceId, heartbeat: Heartbeat, now: Instant) -> Change {
+        let change = match self.instances.get(&id) {
+            Some(old)
+                if old.heartbeat.service == heartbeat.service
+                    && old.heartbeat.version == heartbeat.version
+                    && old.heartbeat.url == heartbeat.url =>
+            {
+                Change::Refreshed
+            }
+            _ => Change::Membership,
+        };
+        self.instances.insert(id, Entry { heartbeat, last_seen: now });
+        change
+    }
+
+    /// Removes an instance; true when it was registered.
+    pub fn remove(&mut self, id: &InstanceId) -> bool {
+        self.instances.remove(id).is_some()
+    }
+
+    /// Removes every instance whose TTL has run out at `now`, and returns them.
+    pub fn expire(&mut self, now: Instant) -> Vec<(InstanceId, Entry)> {
+        let dead: Vec<InstanceId> =
+            self.instances.iter().filter(|(_, e)| e.expires_at() <= now).map(|(id, _)| id.clone()).collect();
+        dead.into_iter().filter_map(|id| self.instances.remove_entry(&id)).collect()
+    }
+
+    /// When the next instance will expire, if any is registered.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.instances.values().map(Entry::expires_at).min()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&InstanceId, &Entry)> {
+        self.instances.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.instances.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(url: &str, ttl_ms: u64) -> Heartbeat {
+        Heartbeat {
+            service: "emitter".parse().unwrap(),
+            version: "v1".parse().unwrap(),
+            url: url.parse().unwrap(),
+            ttl_ms,
+        }
+    }
+
+    fn id(s: &str) -> InstanceId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn ttl_expiry() {
+        let t0 = Instant::now();
+        let mut reg = Registry::default();
+        assert_eq!(reg.heartbeat(id("a"), hb("http://a", 3000), t0), Change::Membership);
+        assert_eq!(reg.heartbeat(id("b"), hb("http://b", 1000), t0), Change::Membership);
+        assert_eq!(reg.next_expiry(), Some(t0 + Duration::from_millis(1000)));
+
+        // A refresh of a known instance resets its clock without a membership change.
+        assert_eq!(reg.heartbeat(id("a"), hb("http://a", 3000), t0 + Duration::from_millis(900)), Change::Refreshed);
+        assert!(reg.expire(t0 + Duration::from_millis(999)).is_empty());
+
+        let gone = reg.expire(t0 + Duration::from_millis(1000));
+        assert_eq!(gone.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert!(reg.expire(t0 + Duration::from_millis(3899)).is_empty());
+        assert_eq!(reg.expire(t0 + Duration::from_millis(3900)).len(), 1);
+        assert!(reg.is_empty());
+        assert_eq!(reg.next_expiry(), None);
+    }
+
+    #[test]
+    fn a_moved_instance_is_a_membership_change() {
+        let t0 = Instant::now();
+        let mut reg = Registry::default();
+        reg.heartbeat(id("a"), hb("http://a", 3000), t0);
+        assert_eq!(reg.heartbeat(id("a"), hb("http://a2", 3000), t0), Change::Membership);
+        assert!(reg.remove(&id("a")));
+        assert!(!reg.remove(&id("a")));
+    }
+}

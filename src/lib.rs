@@ -1,0 +1,61 @@
+//! dstack: service discovery and traffic routing for microservices.
+//!
+//! - [`directory`] merges live instances (heartbeats) into numbered snapshots;
+//! - [`watson`] checks local instances and heartbeats them to the directory;
+//! - [`sherlock`] follows the snapshot and drives a local HAProxy;
+//! - [`dw`] is the operator's CLI.
+//!
+//! The binaries in `src/bin/` only parse arguments and call `run` here.
+
+pub mod client;
+pub mod directory;
+pub mod dw;
+pub mod model;
+pub mod sherlock;
+pub mod watson;
+
+use tokio_util::sync::CancellationToken;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    let ansi = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM: both shut down gracefully.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down");
+        trigger.cancel();
+    });
+    token
+}
+
+/// This host's name, for defaults such as sherlock's client name.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // on success when the name fits.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(0);
+    let name = if ok { String::from_utf8_lossy(&buf[..end]).to_string() } else { String::new() };
+    if name.is_empty() {
+        "localhost".to_string()
+    } else {
+        name
+    }
+}

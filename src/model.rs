@@ -1,0 +1,456 @@
+//! The words of the domain: names, versions, instance URLs, directory
+//! addresses, and the snapshot the directory serves.
+//!
+//! Every value that comes from outside (a flag, a YAML file, an HTTP body) is
+//! parsed into one of these types before it is used, so nothing unchecked can
+//! reach `haproxy.cfg`. Each parse error says what was wrong and what would be
+//! accepted.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The directory's default port (from the original dstack).
+pub const DEFAULT_DIRECTORY_PORT: u16 = 7575;
+
+/// Why a name, version, URL or address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("invalid service name {0:?}: a name is 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter (e.g. `emitter` or `//services/emitter`)")]
+    Service(String),
+    #[error("invalid version {0:?}: a version is 1 to 32 characters of A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit (e.g. `v1`, `2`, `v2-canary`)")]
+    Version(String),
+    #[error("invalid instance id {0:?}: an id is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit")]
+    InstanceId(String),
+    #[error("invalid instance URL {url:?}: {why}; expected http://host[:port][/path]")]
+    Url { url: String, why: &'static str },
+    #[error(
+        "invalid directory address {addr:?}: {why}; expected http://host:port, host:port, host or //host/directory"
+    )]
+    Directory { addr: String, why: &'static str },
+}
+
+fn is_lower_alpha(c: char) -> bool {
+    c.is_ascii_lowercase()
+}
+
+/// A service's name: `^[a-z][a-z0-9_-]{0,62}$`.
+///
+/// Parsing also accepts the dstack form `//services/emitter`, whose last path
+/// segment is the name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for ServiceName {
+    type Err = NameError;
+    fn from_str(raw: &str) -> Result<Self, NameError> {
+        let name = match raw.strip_prefix("//") {
+            Some(rest) => rest.rsplit('/').next().unwrap_or(""),
+            None => raw,
+        };
+        let mut chars = name.chars();
+        let ok = name.len() <= 63
+            && chars.next().is_some_and(is_lower_alpha)
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if ok {
+            Ok(ServiceName(name.to_string()))
+        } else {
+            Err(NameError::Service(raw.to_string()))
+        }
+    }
+}
+
+/// A version label: `^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Version(String);
+
+impl Version {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Version {
+    fn default() -> Self {
+        Version("v1".to_string())
+    }
+}
+
+/// True when `s` is 1..=max characters of `[A-Za-z0-9._-]` starting with an
+/// alphanumeric: the shape shared by versions and instance ids.
+fn is_label(s: &str, max: usize) -> bool {
+    let mut chars = s.chars();
+    s.len() <= max
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl FromStr for Version {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        if is_label(s, 32) {
+            Ok(Version(s.to_string()))
+        } else {
+            Err(NameError::Version(s.to_string()))
+        }
+    }
+}
+
+/// An instance's id, chosen by its watson. It doubles as the HAProxy server
+/// name, so it must be stable for the instance's life and safe in a config.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct InstanceId(String);
+
+impl InstanceId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The id watson gives an instance: readable, and stable across watson
+    /// restarts because it derives from what the instance is.
+    pub fn derive(service: &ServiceName, version: &Version, url: &InstanceUrl) -> InstanceId {
+        // FNV-1a: tiny, stable across Rust releases (std's hasher is not).
+        let mut hash: u64 = 0xcbf29ce484222325;
+        for b in url.to_string().bytes() {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x100000001b3);
+        }
+        InstanceId(format!("{service}-{version}-{:08x}", hash as u32))
+    }
+}
+
+impl FromStr for InstanceId {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        if is_label(s, 128) {
+            Ok(InstanceId(s.to_string()))
+        } else {
+            Err(NameError::InstanceId(s.to_string()))
+        }
+    }
+}
+
+/// An instance's base URL: `http://host[:port][/path]`.
+///
+/// The host is a DNS name or an IPv4 address; the path is a clean absolute
+/// path without query, fragment, spaces or quotes, so it can be placed in an
+/// HAProxy rule verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceUrl {
+    pub host: String,
+    pub port: u16,
+    /// The path prefix that replaces `/<service>`; empty for the root.
+    pub path: String,
+}
+
+impl InstanceUrl {
+    /// `host:port`, as HAProxy's `server` line wants it.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+impl fmt::Display for InstanceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            80 => write!(f, "http://{}{}", self.host, self.path),
+            port => write!(f, "http://{}:{port}{}", self.host, self.path),
+        }
+    }
+}
+
+/// A DNS name or dotted IPv4 address; nothing that could break a config line.
+fn is_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
+/// Splits `host[:port]`, refusing a port that is not 1..=65535.
+fn split_host_port(s: &str, default_port: u16) -> Result<(String, u16), &'static str> {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => {
+            let port: u16 = p.parse().map_err(|_| "the port is not a number in 1..=65535")?;
+            if port == 0 {
+                return Err("the port is not a number in 1..=65535");
+            }
+            (h, port)
+        }
+        None => (s, default_port),
+    };
+    if !is_host(host) {
+        return Err("the host is not a DNS name or IPv4 address");
+    }
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+impl FromStr for InstanceUrl {
+    type Err = NameError;
+    fn from_str(url: &str) -> Result<Self, NameError> {
+        let err = |why| NameError::Url { url: url.to_string(), why };
+        let rest = url.strip_prefix("http://").ok_or_else(|| {
+            err(if url.contains("://") { "only http:// is supported" } else { "the scheme http:// is missing" })
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let (host, port) = split_host_port(authority, 80).map_err(err)?;
+        let path = path.trim_end_matches('/');
+        let path_ok = path.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.' | '~'))
+            && !path.contains("//")
+            && !path.split('/').any(|seg| seg == "..");
+        if !path_ok {
+            return Err(err(
+                "the path may hold only letters, digits, '/', '-', '_', '.', '~' (no query, fragment or '..')",
+            ));
+        }
+        if url.len() > 512 {
+            return Err(err("it is longer than 512 characters"));
+        }
+        Ok(InstanceUrl { host, port, path: path.to_string() })
+    }
+}
+
+impl Serialize for InstanceUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Implements `Deserialize` through `FromStr`, so a bad value in JSON or YAML
+/// fails with the same message as on the command line.
+macro_rules! deserialize_from_str {
+    ($($t:ty),*) => {$(
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    )*};
+}
+deserialize_from_str!(ServiceName, Version, InstanceId);
+
+impl<'de> Deserialize<'de> for InstanceUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a directory listens, normalized to `http://host:port`.
+///
+/// Accepts `http://host:port`, `host:port`, `host`, and the dstack form
+/// `//host/directory`; the default port is 7575.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectoryAddr {
+    pub base: String,
+}
+
+impl fmt::Display for DirectoryAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.base)
+    }
+}
+
+impl FromStr for DirectoryAddr {
+    type Err = NameError;
+    fn from_str(addr: &str) -> Result<Self, NameError> {
+        let err = |why| NameError::Directory { addr: addr.to_string(), why };
+        let (scheme, rest) = if let Some(rest) = addr.strip_prefix("http://") {
+            ("http", rest.trim_end_matches('/'))
+        } else if addr.starts_with("https://") {
+            return Err(err(
+                "https is not supported yet; put the directory behind a local TLS terminator or use http://",
+            ));
+        } else if let Some(rest) = addr.strip_prefix("//") {
+            // `//host/directory`: the host is the first segment.
+            let host = rest.split('/').next().unwrap_or("");
+            ("http", host)
+        } else if addr.contains("://") {
+            return Err(err("the scheme must be http://"));
+        } else {
+            ("http", addr.trim_end_matches('/'))
+        };
+        if rest.contains('/') {
+            return Err(err("a path is not allowed after host:port"));
+        }
+        let (host, port) = split_host_port(rest, DEFAULT_DIRECTORY_PORT).map_err(err)?;
+        Ok(DirectoryAddr { base: format!("{scheme}://{host}:{port}") })
+    }
+}
+
+impl<'de> Deserialize<'de> for DirectoryAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A heartbeat body: `PUT /v1/instances/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub service: ServiceName,
+    pub version: Version,
+    pub url: InstanceUrl,
+    /// How long the directory keeps the instance without another heartbeat.
+    pub ttl_ms: u64,
+}
+
+/// One server of a service as sherlock must configure it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    pub id: InstanceId,
+    pub url: InstanceUrl,
+    pub version: Version,
+    /// HAProxy server weight, 0..=256; 0 takes no new traffic.
+    pub weight: u32,
+}
+
+/// All backends of one service.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceBackends {
+    /// Sorted by id, so that equal snapshots render equal configs.
+    pub backends: Vec<Backend>,
+}
+
+/// What the directory serves: the merge of live instances and desired routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Increases by one every time the content changes.
+    pub index: u64,
+    /// The routes commit this snapshot was built from, if any repo is set.
+    pub commit: Option<String>,
+    /// True while the directory is younger than one TTL: its registry may
+    /// still be filling, so subscribers must not remove backends from it.
+    #[serde(default)]
+    pub warming: bool,
+    pub services: BTreeMap<ServiceName, ServiceBackends>,
+    /// Things an operator should know (a version with no live instance...).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// Splits traffic equally across instances: every instance gets weight 1.
+///
+/// Kept as a function so the routes-aware weighting replaces it in one place.
+pub fn equal_weights(count: usize) -> Vec<u32> {
+    vec![1; count]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names() {
+        assert_eq!("emitter".parse::<ServiceName>().unwrap().as_str(), "emitter");
+        assert_eq!("//services/emitter".parse::<ServiceName>().unwrap().as_str(), "emitter");
+        assert_eq!("a-b_c9".parse::<ServiceName>().unwrap().as_str(), "a-b_c9");
+        for bad in ["", "Emitter", "9lives", "-x", "a b", "a;b", "a\nb", &"a".repeat(64), "//services/", "é"] {
+            let err = bad.parse::<ServiceName>().unwrap_err().to_string();
+            assert!(err.contains("starting with a letter"), "{bad:?}: {err}");
+        }
+        assert!("a".repeat(63).parse::<ServiceName>().is_ok());
+    }
+
+    #[test]
+    fn versions_and_ids() {
+        for ok in ["v1", "2", "v2-canary", "1.2.3", "V_2"] {
+            assert!(ok.parse::<Version>().is_ok(), "{ok}");
+        }
+        for bad in ["", "-v1", ".v", "v 1", "v1;", &"v".repeat(33)] {
+            assert!(bad.parse::<Version>().is_err(), "{bad}");
+        }
+        assert!("emitter-v1-0a1b2c3d".parse::<InstanceId>().is_ok());
+        assert!("a/b".parse::<InstanceId>().is_err());
+    }
+
+    #[test]
+    fn derived_ids_are_stable_and_valid() {
+        let s: ServiceName = "emitter".parse().unwrap();
+        let v = Version::default();
+        let u: InstanceUrl = "http://vm101/emitter".parse().unwrap();
+        let id = InstanceId::derive(&s, &v, &u);
+        assert_eq!(id, InstanceId::derive(&s, &v, &u));
+        assert!(id.as_str().parse::<InstanceId>().is_ok());
+        let other: InstanceUrl = "http://vm102/emitter".parse().unwrap();
+        assert_ne!(id, InstanceId::derive(&s, &v, &other));
+    }
+
+    #[test]
+    fn instance_urls() {
+        let u: InstanceUrl = "http://vm101/emitter".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("vm101", 80, "/emitter"));
+        let u: InstanceUrl = "http://127.0.0.1:9001/".parse().unwrap();
+        assert_eq!((u.port, u.path.as_str()), (9001, ""));
+        assert_eq!(u.to_string(), "http://127.0.0.1:9001");
+        for bad in [
+            "vm101/emitter",
+            "https://vm101",
+            "http://",
+            "http://vm101:0",
+            "http://vm101:99999",
+            "http://vm 101",
+            "http://vm101/a b",
+            "http://vm101/a?x=1",
+            "http://vm101/a/../b",
+            "http://vm101/\"x",
+            "http://[::1]:80",
+        ] {
+            let err = bad.parse::<InstanceUrl>().unwrap_err().to_string();
+            assert!(err.contains("expected http://host[:port][/path]"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn directory_addresses() {
+        let cases = [
+            ("//services/directory", "http://services:7575"),
+            ("services", "http://services:7575"),
+            ("services:8080", "http://services:8080"),
+            ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+            ("http://127.0.0.1:9000/", "http://127.0.0.1:9000"),
+            ("http://Services", "http://services:7575"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(raw.parse::<DirectoryAddr>().unwrap().base, want, "{raw}");
+        }
+        for bad in ["", "ftp://x", "x:y", "http://x/y", "a b"] {
+            assert!(bad.parse::<DirectoryAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn heartbeat_rejects_unknown_fields_and_bad_values() {
+        let ok = r#"{"service":"emitter","version":"v1","url":"http://vm101/emitter","ttl_ms":9000}"#;
+        assert!(serde_json::from_str::<Heartbeat>(ok).is_ok());
+        let unknown = r#"{"service":"emitter","version":"v1","url":"http://vm101","ttl_ms":9000,"x":1}"#;
+        assert!(serde_json::from_str::<Heartbeat>(unknown).is_err());
+        let bad = r#"{"service":"Emitter","version":"v1","url":"http://vm101","ttl_ms":9000}"#;
+        let err = serde_json::from_str::<Heartbeat>(bad).unwrap_err().to_string();
+        assert!(err.contains("invalid service name"), "{err}");
+    }
+}

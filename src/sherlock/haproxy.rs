@@ -1,0 +1,310 @@
+//! The local HAProxy that sherlock starts, checks, reloads and stops.
+//!
+//! HAProxy runs in master-worker mode with a master socket in the run dir.
+//! A reload goes through the master CLI; the stats socket exposes its
+//! listeners, so the master passes the bound sockets to the new worker and
+//! no connection is refused during a reload.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HaproxyError {
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("haproxy rejected the candidate config:\n{0}")]
+    Invalid(String),
+    #[error("haproxy did not become ready within {0:?}: {1}")]
+    NotReady(Duration, String),
+    #[error("haproxy exited: {0}")]
+    Exited(String),
+    #[error("reload failed: {0}")]
+    Reload(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The files of one sherlock's HAProxy, all in its run dir.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub run_dir: PathBuf,
+    pub config: PathBuf,
+    pub candidate: PathBuf,
+    pub master_socket: PathBuf,
+    pub admin_socket: PathBuf,
+}
+
+impl Paths {
+    pub fn new(run_dir: &Path) -> Paths {
+        Paths {
+            run_dir: run_dir.to_path_buf(),
+            config: run_dir.join("haproxy.cfg"),
+            candidate: run_dir.join("haproxy.cfg.candidate"),
+            master_socket: run_dir.join("master.sock"),
+            admin_socket: run_dir.join("admin.sock"),
+        }
+    }
+}
+
+/// One HAProxy master process and how to talk to it.
+pub struct Haproxy {
+    binary: PathBuf,
+    pub paths: Paths,
+    child: Option<Child>,
+}
+
+/// What `show proc` on the master CLI says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcState {
+    pub reloads: u64,
+    pub failed: u64,
+    pub workers: Vec<u32>,
+}
+
+/// Parses `show proc` (HAProxy 2.6 layout).
+pub fn parse_show_proc(text: &str) -> Option<ProcState> {
+    let mut state = None;
+    let mut section = "";
+    for line in text.lines() {
+        if let Some(title) = line.strip_prefix("# ") {
+            section = title.trim();
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [_, "master", reloads, "[failed:", failed, ..] => {
+                state = Some(ProcState {
+                    reloads: reloads.parse().ok()?,
+                    failed: failed.trim_end_matches(']').parse().ok()?,
+                    workers: Vec::new(),
+                });
+            }
+            [pid, "worker", ..] if section == "workers" => {
+                if let (Some(s), Ok(pid)) = (state.as_mut(), pid.parse()) {
+                    s.workers.push(pid);
+                }
+            }
+            _ => {}
+        }
+    }
+    state
+}
+
+impl Haproxy {
+    pub fn new(binary: PathBuf, paths: Paths) -> Haproxy {
+        Haproxy { binary, paths, child: None }
+    }
+
+    /// `haproxy -c` on a file: Ok, or the errors HAProxy printed.
+    pub async fn check(&self, config: &Path) -> Result<(), HaproxyError> {
+        let out = Command::new(&self.binary)
+            .arg("-c")
+            .arg("-f")
+            .arg(config)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|source| HaproxyError::Spawn { binary: self.binary.clone(), source })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+            // Keep the alerts and warnings; the version banner is noise.
+            let problems: Vec<&str> =
+                text.lines().filter(|l| !l.starts_with("[NOTICE]") && !l.trim().is_empty()).collect();
+            Err(HaproxyError::Invalid(problems.join("\n")))
+        }
+    }
+
+    /// Starts the master with the config in place and waits for a worker.
+    pub async fn start(&mut self) -> Result<(), HaproxyError> {
+        let _ = std::fs::remove_file(&self.paths.master_socket);
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("-W")
+            .arg("-S")
+            .arg(&self.paths.master_socket)
+            .arg("-f")
+            .arg(&self.paths.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // If sherlock dies, even by SIGKILL, its HAProxy goes too:
+                // no orphan ever holds the port.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() == 1 {
+                    return Err(std::io::Error::other("sherlock exited while starting haproxy"));
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| HaproxyError::Spawn { binary: self.binary.clone(), source })?;
+        forward_logs(child.stdout.take());
+        forward_logs(child.stderr.take());
+        tracing::info!(pid = child.id(), config = %self.paths.config.display(), "haproxy started");
+        self.child = Some(child);
+
+        let limit = Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Err(HaproxyError::Exited(status.to_string()));
+            }
+            match self.show_proc().await {
+                Ok(state) if !state.workers.is_empty() => return Ok(()),
+                Ok(_) => {}
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(HaproxyError::NotReady(limit, e.to_string()))
+                }
+                Err(_) => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HaproxyError::NotReady(limit, "no worker".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn show_proc(&self) -> Result<ProcState, HaproxyError> {
+        let text = self.master_command("show proc").await?;
+        parse_show_proc(&text).ok_or_else(|| HaproxyError::Reload(format!("unreadable `show proc` answer: {text:?}")))
+    }
+
+    /// Reloads seamlessly and confirms, from the master CLI, that a new
+    /// worker took over. A failed reload leaves the old worker serving.
+    pub async fn reload(&mut self) -> Result<(), HaproxyError> {
+        let before = self.show_proc().await?;
+        // The master re-executes itself on reload and closes the connection
+        // without an answer (HAProxy 2.6), so the answer is read back below.
+        let _ = self.master_command("reload").await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if let Ok(after) = self.show_proc().await {
+                if after.failed > before.failed {
+                    return Err(HaproxyError::Reload(
+                        "the master reports a failed reload; the previous worker keeps serving".into(),
+                    ));
+                }
+                if after.reloads > before.reloads && !after.workers.is_empty() {
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HaproxyError::Reload("no new worker within 10s".into()));
+            }
+        }
+    }
+
+    async fn master_command(&self, command: &str) -> Result<String, HaproxyError> {
+        socket_command(&self.paths.master_socket, command).await
+    }
+
+    /// A Runtime API command on the admin socket.
+    pub async fn runtime_command(&self, command: &str) -> Result<String, HaproxyError> {
+        socket_command(&self.paths.admin_socket, command).await
+    }
+
+    /// Resolves when the master exits; never, if none is running.
+    pub async fn exited(&mut self) -> String {
+        match self.child.as_mut() {
+            Some(child) => {
+                let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                self.child = None;
+                status
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Stops the master (and so its workers): SIGTERM, then SIGKILL.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if let Some(pid) = child.id() {
+            // SAFETY: signalling our own child by the pid tokio gave us.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+            tracing::warn!("haproxy ignored SIGTERM for 5s; killing it");
+            let _ = child.kill().await;
+        }
+        tracing::info!("haproxy stopped");
+    }
+}
+
+/// Sends one command to an HAProxy CLI socket and reads the whole answer.
+pub async fn socket_command(socket: &Path, command: &str) -> Result<String, HaproxyError> {
+    let io = |source| HaproxyError::Io { what: "haproxy socket", path: socket.to_path_buf(), source };
+    let exchange = async {
+        let mut stream = UnixStream::connect(socket).await.map_err(io)?;
+        stream.write_all(format!("{command}\n").as_bytes()).await.map_err(io)?;
+        // The master CLI answers only once our side is closed.
+        stream.shutdown().await.map_err(io)?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.map_err(io)?;
+        Ok(answer)
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange).await.unwrap_or_else(|_| {
+        Err(io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer to {command:?} within 5s"))))
+    })
+}
+
+/// Copies HAProxy's own output into sherlock's log.
+fn forward_logs<R: tokio::io::AsyncRead + Unpin + Send + 'static>(pipe: Option<R>) {
+    let Some(pipe) = pipe else { return };
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(pipe).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("[ALERT]") {
+                tracing::error!(target: "haproxy", "{line}");
+            } else if line.contains("[WARNING]") {
+                tracing::warn!(target: "haproxy", "{line}");
+            } else {
+                tracing::info!(target: "haproxy", "{line}");
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_show_proc() {
+        let text = "#<PID>          <type>          <reloads>       <uptime>        <version>      \n\
+            3987            master          1 [failed: 0]   0d00h00m03s     2.6.12-1+deb12u4\n\
+            # workers\n\
+            4079            worker          0               0d00h00m01s     2.6.12-1+deb12u4\n\
+            # old workers\n\
+            3990            worker          1               0d00h00m43s     2.6.12-1+deb12u4\n\
+            # programs\n\n";
+        assert_eq!(parse_show_proc(text), Some(ProcState { reloads: 1, failed: 0, workers: vec![4079] }));
+        assert_eq!(parse_show_proc("garbage"), None);
+    }
+}

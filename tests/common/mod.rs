@@ -1,0 +1,377 @@
+//! The harness of the end-to-end tests: real binaries, real HAProxy, real
+//! HTTP services on loopback ports the OS picks, each test in its own temp
+//! dir. Every process started here is ended when its handle drops.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+
+/// A port that was free a moment ago. HAProxy binds ports itself, so the
+/// test cannot hand it a bound socket; the kernel does not reuse a just
+/// released ephemeral port soon, which keeps parallel tests apart.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "directory" => env!("CARGO_BIN_EXE_directory").into(),
+        "watson" => env!("CARGO_BIN_EXE_watson").into(),
+        "sherlock" => env!("CARGO_BIN_EXE_sherlock").into(),
+        "dw" => env!("CARGO_BIN_EXE_dw").into(),
+        other => panic!("no binary {other}"),
+    }
+}
+
+/// A running binary; SIGTERM then SIGKILL when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn start(dir: &Path, name: &str, args: &[&str]) -> Proc {
+        Self::start_with_env(dir, name, args, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let log = dir.join(format!("{name}-{}.log", SEQ.fetch_add(1, Ordering::Relaxed)));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin(name))
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info,dstack=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc { name: name.into(), child: Some(child), log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{} ignored SIGTERM for 10s; log:\n{}", self.name, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `check` until it returns Some or `timeout` passes.
+pub async fn eventually<T>(timeout: Duration, what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A small real HTTP service instance, served from the test process.
+/// It answers `<name> <path?query>` and counts requests by name.
+pub struct Instance {
+    pub name: String,
+    pub port: u16,
+    pub healthy: Arc<AtomicBool>,
+    /// Every path (with query) it has been asked for.
+    pub seen: Arc<Mutex<Vec<String>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Clone)]
+struct InstanceState {
+    name: String,
+    healthy: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+async fn answer(State(s): State<InstanceState>, req: Request) -> (StatusCode, String) {
+    let uri = req.uri().to_string();
+    if req.uri().path().ends_with("/liveness_check") {
+        return if s.healthy.load(Ordering::SeqCst) {
+            (StatusCode::OK, "alive".into())
+        } else {
+            (StatusCode::SERVICE_UNAVAILABLE, "sick".into())
+        };
+    }
+    s.seen.lock().unwrap().push(uri.clone());
+    (StatusCode::OK, format!("{} {}", s.name, uri))
+}
+
+impl Instance {
+    /// Starts on a free port.
+    pub async fn start(name: &str) -> Instance {
+        Self::start_on(name, 0).await
+    }
+
+    /// Starts on a given port (to bring a killed instance back where it was).
+    pub async fn start_on(name: &str, port: u16) -> Instance {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = InstanceState {
+            name: name.into(),
+            healthy: Arc::new(AtomicBool::new(true)),
+            seen: Arc::new(Mutex::new(Vec::new())),
+        };
+        let app = axum::Router::new().fallback(answer).with_state(state.clone());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.ok();
+        });
+        Instance { name: name.into(), port, healthy: state.healthy, seen: state.seen, task: Some(task) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// Kills it: the listener closes, so new connections are refused.
+    pub async fn kill(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A directory and a sherlock (with its HAProxy) on free ports in a temp dir.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub directory_port: u16,
+    pub directory: Proc,
+    pub sherlock_port: u16,
+    pub sherlock: Option<Proc>,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Starts a directory (max ttl 3s) and a sherlock following it.
+    pub async fn start() -> Cluster {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(directory_args: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("dstack-test").tempdir().unwrap();
+        let directory_port = free_port();
+        let listen = format!("127.0.0.1:{directory_port}");
+        let mut args = vec!["--listen", &listen, "--max-ttl", "3s"];
+        args.extend_from_slice(directory_args);
+        let directory = Proc::start(dir.path(), "directory", &args);
+        // A new connection per request, as curl makes: after a reload, a
+        // pooled connection may still reach the old worker for one request.
+        let http =
+            reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(0).build().unwrap();
+        let mut cluster = Cluster { dir, directory_port, directory, sherlock_port: 0, sherlock: None, http };
+        cluster.wait_for_directory().await;
+        let (port, sherlock) = cluster.start_sherlock(&[]).await;
+        cluster.sherlock_port = port;
+        cluster.sherlock = Some(sherlock);
+        cluster
+    }
+
+    pub fn directory_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.directory_port)
+    }
+
+    pub async fn wait_for_directory(&self) {
+        let url = format!("{}/v1/status", self.directory_url());
+        let http = self.http.clone();
+        eventually(Duration::from_secs(10), "the directory to answer", async || {
+            http.get(&url).send().await.ok().filter(|r| r.status().is_success())
+        })
+        .await;
+    }
+
+    /// Starts another sherlock on a free port with its own run dir.
+    pub async fn start_sherlock(&self, extra: &[&str]) -> (u16, Proc) {
+        let port = free_port();
+        let run_dir = self.dir.path().join(format!("sherlock-{port}"));
+        let listen = format!("127.0.0.1:{port}");
+        let admin = format!("127.0.0.1:{}", free_port());
+        let directory = self.directory_url();
+        let run = run_dir.to_str().unwrap().to_string();
+        let name = format!("test-{port}");
+        let mut args = vec!["-d", &directory, "--listen", &listen, "--run-dir", &run, "--name", &name];
+        args.extend_from_slice(extra);
+        let _ = admin;
+        let proc = Proc::start(self.dir.path(), "sherlock", &args);
+        // Ready when HAProxy answers on the port (404 for no service).
+        let url = format!("http://127.0.0.1:{port}/");
+        let http = self.http.clone();
+        eventually(Duration::from_secs(15), "sherlock's haproxy to listen", async || http.get(&url).send().await.ok())
+            .await;
+        (port, proc)
+    }
+
+    /// Starts a watson for `instance` of `service` with a 1 s period.
+    pub fn watson(&self, service: &str, url: &str, extra: &[&str]) -> Proc {
+        let directory = self.directory_url();
+        let mut args = vec!["-d", directory.as_str(), service, url, "1"];
+        args.extend_from_slice(extra);
+        Proc::start(self.dir.path(), "watson", &args)
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        self.http.get(format!("{}/v1/status", self.directory_url())).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Waits until the directory lists `n` instances of `service` and every
+    /// sherlock has applied the snapshot that shows them.
+    pub async fn wait_for_instances(&self, service: &str, n: usize) {
+        let what = format!("{n} instances of {service}, applied by every sherlock");
+        eventually(Duration::from_secs(15), &what, async || {
+            let status = self.status().await;
+            let count = status["instances"].as_array()?.iter().filter(|i| i["service"] == service).count();
+            let index = status["index"].as_u64()?;
+            let sherlocks = status["sherlocks"].as_array()?;
+            let converged = !sherlocks.is_empty() && sherlocks.iter().all(|s| s["applied"].as_u64() == Some(index));
+            (count == n && converged).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until the directory's warming period is over, so removals apply.
+    pub async fn wait_until_warm(&self) {
+        eventually(Duration::from_secs(10), "the directory to end warming", async || {
+            (self.status().await["warming"] == false).then_some(())
+        })
+        .await;
+    }
+
+    /// GET through sherlock's HAProxy; (status, body).
+    pub async fn get(&self, path: &str) -> Result<(u16, String), String> {
+        get_via(&self.http, self.sherlock_port, path).await
+    }
+
+    /// `n` sequential requests through sherlock; counts answers by first word.
+    pub async fn tally(&self, path: &str, n: usize) -> (HashMap<String, usize>, usize) {
+        let mut counts = HashMap::new();
+        let mut errors = 0;
+        for _ in 0..n {
+            match self.get(path).await {
+                Ok((200, body)) => *counts.entry(body.split(' ').next().unwrap_or("").to_string()).or_default() += 1,
+                _ => errors += 1,
+            }
+        }
+        (counts, errors)
+    }
+
+    /// Runs dw against this directory; (exit code, stdout, stderr).
+    pub fn dw(&self, args: &[&str]) -> (i32, String, String) {
+        let directory = self.directory_url();
+        let mut all = vec!["-d", directory.as_str()];
+        all.extend_from_slice(args);
+        run_dw(&all, None)
+    }
+}
+
+pub async fn get_via(http: &reqwest::Client, port: u16, path: &str) -> Result<(u16, String), String> {
+    let resp = http.get(format!("http://127.0.0.1:{port}{path}")).send().await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.text().await.map_err(|e| e.to_string())?))
+}
+
+pub fn run_dw(args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
+    let mut cmd = Command::new(bin("dw"));
+    cmd.args(args).env("NO_COLOR", "1");
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Pids of the HAProxy processes whose command line names `run_dir`.
+pub fn haproxy_pids(run_dir: &Path) -> Vec<i32> {
+    let needle = run_dir.to_str().unwrap();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+        let argv0 = cmdline.split('\0').next().unwrap_or("");
+        // Zombies have an empty cmdline and hold no port.
+        if argv0.ends_with("haproxy") && cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}

@@ -88,7 +88,7 @@ fn load(port: u16, path: &'static str) -> (Arc<AtomicUsize>, Arc<AtomicUsize>, t
 async fn a_killed_instance_leaves_without_client_errors_and_returns() {
     let cluster = Cluster::start().await;
     let mut instances =
-        vec![Instance::start("vm101").await, Instance::start("vm102").await, Instance::start("vm103").await];
+        [Instance::start("vm101").await, Instance::start("vm102").await, Instance::start("vm103").await];
     let _watsons: Vec<Proc> = instances.iter().map(|i| cluster.watson("emitter", &i.url("/emitter"), &[])).collect();
     cluster.wait_for_instances("emitter", 3).await;
     cluster.wait_until_warm().await;

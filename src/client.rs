@@ -97,6 +97,11 @@ impl DirectoryClient {
         self.send(self.http.get(self.url("/v1/status"))).await
     }
 
+    /// `POST /v1/reconcile`: fetch the routes repo now.
+    pub async fn reconcile(&self) -> Result<crate::directory::reconcile::RoutesStatus, ClientError> {
+        self.send(self.http.post(self.url("/v1/reconcile")).timeout(Duration::from_secs(70))).await
+    }
+
     pub async fn instances(&self) -> Result<Vec<InstanceStatus>, ClientError> {
         self.send(self.http.get(self.url("/v1/instances"))).await
     }

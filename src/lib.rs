@@ -10,7 +10,9 @@
 pub mod client;
 pub mod directory;
 pub mod dw;
+pub mod gitsync;
 pub mod model;
+pub mod routes;
 pub mod sherlock;
 pub mod watson;
 

@@ -348,16 +348,27 @@ pub struct Snapshot {
     #[serde(default)]
     pub warming: bool,
     pub services: BTreeMap<ServiceName, ServiceBackends>,
+    /// Per-client overrides (a route's `clients:` entries): a sherlock whose
+    /// client name is listed uses these services in place of the defaults.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub clients: BTreeMap<crate::routes::ClientName, BTreeMap<ServiceName, ServiceBackends>>,
     /// Things an operator should know (a version with no live instance...).
     #[serde(default)]
     pub warnings: Vec<String>,
 }
 
-/// Splits traffic equally across instances: every instance gets weight 1.
-///
-/// Kept as a function so the routes-aware weighting replaces it in one place.
-pub fn equal_weights(count: usize) -> Vec<u32> {
-    vec![1; count]
+impl Snapshot {
+    /// The snapshot as one client sees it: its own overrides in place of the
+    /// service defaults, and no other client's.
+    pub fn for_client(&self, client: Option<&crate::routes::ClientName>) -> Snapshot {
+        let mut view = Snapshot { clients: BTreeMap::new(), ..self.clone() };
+        if let Some(overrides) = client.and_then(|c| self.clients.get(c)) {
+            for (service, backends) in overrides {
+                view.services.insert(service.clone(), backends.clone());
+            }
+        }
+        view
+    }
 }
 
 #[cfg(test)]

@@ -19,9 +19,23 @@ struct Args {
     /// Where the HTTP API listens.
     #[arg(long, default_value = "0.0.0.0:7575")]
     listen: SocketAddr,
-    /// Where the directory keeps its state.
+    /// Where the directory keeps its state (the routes mirror)
+    /// [default: a per-port folder in the temp dir].
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// The routes repo to follow: a URL git understands (ssh, https, file://)
+    /// or a local path. Without it, every live instance gets equal traffic.
+    #[arg(long)]
+    repo: Option<String>,
+    /// The branch of the routes repo to follow.
+    #[arg(long, default_value = "main")]
+    branch: String,
+    /// The folder of routes files inside the repo.
+    #[arg(long, default_value = "routes")]
+    routes_dir: String,
+    /// How often to fetch the repo (a webhook, POST /v1/reconcile, fetches at once).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    poll: Duration,
     /// The largest TTL a heartbeat may ask for (e.g. 10s); a fresh directory
     /// marks its snapshots `warming` for this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -38,11 +52,28 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     }
+    if args.poll < Duration::from_millis(100) {
+        eprintln!("directory: --poll {}: use at least 100ms", humantime::format_duration(args.poll));
+        return std::process::ExitCode::from(2);
+    }
+    if args.branch.is_empty() || args.branch.contains(char::is_whitespace) || args.branch.contains("..") {
+        eprintln!("directory: --branch {:?}: not a valid branch name", args.branch);
+        return std::process::ExitCode::from(2);
+    }
+    let repo = args.repo.map(|url| dstack::directory::reconcile::RepoConfig {
+        url,
+        branch: args.branch,
+        routes_dir: args.routes_dir,
+        poll: args.poll,
+    });
+    let state_dir =
+        args.state_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("dstack-directory-{}", args.listen.port())));
     let config = dstack::directory::Config {
         name: args.name,
         address: args.address,
         listen: args.listen,
-        state_dir: args.state_dir,
+        state_dir,
+        repo,
         max_ttl: args.max_ttl,
     };
     match dstack::directory::run(config, dstack::shutdown_on_signals()).await {

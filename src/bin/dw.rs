@@ -6,7 +6,7 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     let cli = dstack::dw::Cli::parse();
     match dstack::dw::run(cli).await {
-        Ok(()) => std::process::ExitCode::from(dstack::dw::EXIT_OK as u8),
+        Ok(code) => std::process::ExitCode::from(code as u8),
         Err(failure) => {
             eprintln!("dw: {}", failure.message);
             std::process::ExitCode::from(failure.code as u8)

@@ -31,6 +31,10 @@ struct Args {
     /// A minijinja template that replaces the built-in haproxy.cfg template.
     #[arg(long)]
     template: Option<PathBuf>,
+    /// The client name whose per-client routes (a route's `clients:` entry)
+    /// this sherlock follows [default: the host name].
+    #[arg(long)]
+    client: Option<String>,
     /// The name this sherlock reports to the directory [default: HOST-PORT].
     #[arg(long)]
     name: Option<String>,
@@ -71,6 +75,14 @@ fn settings(args: Args) -> Result<Config, String> {
     let haproxy =
         args.haproxy.or(file.as_ref().and_then(|f| f.haproxy.clone())).unwrap_or_else(|| PathBuf::from("haproxy"));
     let template = args.template.or(file.as_ref().and_then(|f| f.template.clone()));
+    let client = match args.client {
+        Some(c) => c.parse::<dstack::routes::ClientName>().map_err(|e| format!("--client: {e}"))?,
+        None => match file.as_ref().and_then(|f| f.client.clone()) {
+            Some(c) => c,
+            // A host name that is not a valid client name follows the defaults.
+            None => dstack::hostname().parse().unwrap_or_else(|_| "default".parse().expect("a valid name")),
+        },
+    };
     let name = args.name.unwrap_or_else(|| format!("{}-{}", dstack::hostname(), listen.port()));
     name.parse::<dstack::model::InstanceId>()
         .map_err(|_| format!("--name {name:?}: use 1 to 128 of A-Z a-z 0-9 . _ -"))?;
@@ -78,7 +90,7 @@ fn settings(args: Args) -> Result<Config, String> {
     if run_dir.join("master.sock").as_os_str().len() > 100 {
         return Err(format!("--run-dir {}: too long for a unix socket path; use a shorter one", run_dir.display()));
     }
-    Ok(Config { directories, listen, run_dir, haproxy, template, name })
+    Ok(Config { directories, listen, run_dir, haproxy, template, name, client })
 }
 
 #[tokio::main]

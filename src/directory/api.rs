@@ -18,8 +18,10 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use super::reconcile::RoutesStatus;
 use super::Directory;
 use crate::model::{Heartbeat, InstanceId, InstanceUrl, ServiceName, Snapshot, Version};
+use crate::routes::RouteSet;
 
 /// Heartbeats are tiny; anything larger is a mistake or an attack.
 const MAX_BODY: usize = 64 * 1024;
@@ -34,6 +36,10 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl IntoResponse for ApiError {
@@ -41,6 +47,8 @@ impl IntoResponse for ApiError {
         let status = match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
     }
@@ -80,6 +88,11 @@ pub struct Status {
     pub warnings: Vec<String>,
     pub instances: Vec<InstanceStatus>,
     pub sherlocks: Vec<SherlockStatus>,
+    /// The routes repo: commit in force, rejected commit, fetch error.
+    pub routes: Option<RoutesStatus>,
+    /// The desired weights in force.
+    #[serde(default)]
+    pub desired: RouteSet,
 }
 
 /// The router, given the directory it serves.
@@ -90,6 +103,7 @@ pub fn app(directory: Arc<Directory>) -> Router {
         .route("/v1/instances/{id}", put(put_instance).delete(delete_instance))
         .route("/v1/snapshot", get(get_snapshot))
         .route("/v1/status", get(get_status))
+        .route("/v1/reconcile", axum::routing::post(post_reconcile))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::NotFound("no such endpoint; see /v1/status, /v1/snapshot, /v1/instances/{id}".into())
@@ -218,6 +232,23 @@ fn status(directory: &Directory) -> Status {
         warnings: snapshot.warnings.clone(),
         instances: directory.instances(),
         sherlocks: directory.sherlocks(),
+        routes: directory.config.repo.as_ref().map(|_| directory.routes_status()),
+        desired: directory.routes(),
+    }
+}
+
+/// The webhook: fetch now, answer with the commit in force afterwards.
+async fn post_reconcile(State(directory): State<Arc<Directory>>) -> Result<Json<RoutesStatus>, ApiError> {
+    let Some(tx) = directory.reconcile_sender() else {
+        return Err(ApiError::Conflict("this directory follows no routes repo (start it with --repo)".into()));
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let unavailable = || ApiError::Unavailable("the reconciler is shutting down".into());
+    tx.send(Some(reply)).await.map_err(|_| unavailable())?;
+    match tokio::time::timeout(Duration::from_secs(60), answer).await {
+        Ok(Ok(status)) => Ok(Json(status)),
+        Ok(Err(_)) => Err(unavailable()),
+        Err(_) => Err(ApiError::Unavailable("the reconcile took over 60s; see /v1/status".into())),
     }
 }
 
@@ -265,6 +296,16 @@ async fn metrics(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
         "Requests refused with a 4xx.",
         m.bad_requests.load(Ordering::Relaxed),
     );
+    counter(
+        "dstack_directory_reconciles_total",
+        "Reconciles of the routes repo.",
+        m.reconciles.load(Ordering::Relaxed),
+    );
+    counter(
+        "dstack_directory_rejected_commits_total",
+        "Routes commits rejected by validation.",
+        m.rejected_commits.load(Ordering::Relaxed),
+    );
     let _ = write!(
         out,
         "# HELP dstack_directory_snapshot_index Index of the snapshot served.\n# TYPE dstack_directory_snapshot_index gauge\ndstack_directory_snapshot_index {}\n\
@@ -288,10 +329,11 @@ mod tests {
             name: "test".into(),
             address: None,
             listen: "127.0.0.1:0".parse().unwrap(),
-            state_dir: None,
+            state_dir: std::env::temp_dir(),
+            repo: None,
             max_ttl: Duration::from_secs(10),
         };
-        let directory = Directory::new(config, tokio_util::sync::CancellationToken::new());
+        let (directory, _) = Directory::new(config, tokio_util::sync::CancellationToken::new());
         (app(directory.clone()), directory)
     }
 

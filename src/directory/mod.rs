@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod merge;
+pub mod reconcile;
 pub mod registry;
 
 use std::collections::HashMap;
@@ -12,10 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{Heartbeat, InstanceId, Snapshot};
+use crate::routes::RouteSet;
+use reconcile::{Rejected, RepoConfig, RoutesStatus, Trigger};
 use registry::{Change, Registry};
 
 /// Validated settings of one directory.
@@ -27,8 +30,10 @@ pub struct Config {
     pub address: Option<String>,
     /// Where the HTTP API listens.
     pub listen: SocketAddr,
-    /// Where it keeps its state (the routes clone).
-    pub state_dir: Option<PathBuf>,
+    /// Where it keeps its state (the routes mirror).
+    pub state_dir: PathBuf,
+    /// The routes repo, if desired state comes from git.
+    pub repo: Option<RepoConfig>,
     /// The largest TTL a heartbeat may ask for; also how long a fresh
     /// directory marks its snapshots `warming`.
     pub max_ttl: Duration,
@@ -54,6 +59,8 @@ pub struct Metrics {
     pub expiries: AtomicU64,
     pub snapshots_published: AtomicU64,
     pub bad_requests: AtomicU64,
+    pub reconciles: AtomicU64,
+    pub rejected_commits: AtomicU64,
 }
 
 /// Mutable state, behind one std `Mutex`: every critical section is short
@@ -62,6 +69,10 @@ pub struct Metrics {
 struct Inner {
     registry: Registry,
     sherlocks: HashMap<String, SherlockSeen>,
+    /// The routes of the commit in force.
+    routes: RouteSet,
+    /// Where those routes came from, and any rejected commit or fetch error.
+    routes_status: RoutesStatus,
 }
 
 /// One running directory, shared by the HTTP handlers and the expiry loop.
@@ -74,20 +85,83 @@ pub struct Directory {
     pub metrics: Metrics,
     /// Cancelled at shutdown so that blocking queries return at once.
     shutdown: CancellationToken,
+    /// Wakes the reconciler (webhook, file watch); None without a repo.
+    reconcile_tx: Option<mpsc::Sender<Trigger>>,
 }
 
 impl Directory {
-    pub fn new(config: Config, shutdown: CancellationToken) -> Arc<Directory> {
+    /// A directory, and the receiving end of its reconcile triggers when it
+    /// has a repo (for `reconcile::run`).
+    pub fn new(config: Config, shutdown: CancellationToken) -> (Arc<Directory>, Option<mpsc::Receiver<Trigger>>) {
         let first = Snapshot { index: 1, warming: !config.max_ttl.is_zero(), ..Snapshot::default() };
-        Arc::new(Directory {
+        // Capacity 1: one pending trigger covers any number of wake-ups.
+        let (tx, rx) = match &config.repo {
+            Some(_) => {
+                let (tx, rx) = mpsc::channel(1);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let routes_status = config
+            .repo
+            .as_ref()
+            .map(|r| RoutesStatus { repo: r.url.clone(), branch: r.branch.clone(), ..RoutesStatus::default() })
+            .unwrap_or_default();
+        let directory = Arc::new(Directory {
             config,
             started: Instant::now(),
             started_at: SystemTime::now(),
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner { routes_status, ..Inner::default() }),
             snapshots: watch::Sender::new(Arc::new(first)),
             metrics: Metrics::default(),
             shutdown,
-        })
+            reconcile_tx: tx,
+        });
+        (directory, rx)
+    }
+
+    pub fn reconcile_sender(&self) -> Option<mpsc::Sender<Trigger>> {
+        self.reconcile_tx.clone()
+    }
+
+    /// Puts a validated routes commit in force.
+    pub fn set_routes(&self, commit: String, summary: String, routes: RouteSet) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.routes = routes;
+        let status = &mut inner.routes_status;
+        status.commit = Some(commit);
+        status.summary = Some(summary);
+        status.fetched_at = Some(reconcile::now_rfc3339());
+        status.rejected = None;
+        status.error = None;
+        self.publish(&inner);
+    }
+
+    /// Records a successful fetch that changed nothing in force: the same
+    /// commit again, or a commit rejected by validation.
+    pub fn routes_fetched(&self, rejected: Option<Rejected>) {
+        let mut inner = self.inner.lock().unwrap();
+        let status = &mut inner.routes_status;
+        status.fetched_at = Some(reconcile::now_rfc3339());
+        status.error = None;
+        if let Some(rejected) = rejected {
+            self.metrics.rejected_commits.fetch_add(1, Ordering::Relaxed);
+            status.rejected = Some(rejected);
+        }
+    }
+
+    /// Records a failed fetch; the commit in force stays.
+    pub fn routes_error(&self, error: String) {
+        self.inner.lock().unwrap().routes_status.error = Some(error);
+    }
+
+    /// The routes in force.
+    pub fn routes(&self) -> RouteSet {
+        self.inner.lock().unwrap().routes.clone()
+    }
+
+    pub fn routes_status(&self) -> RoutesStatus {
+        self.inner.lock().unwrap().routes_status.clone()
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -140,17 +214,24 @@ impl Directory {
     /// Rebuilds the snapshot and publishes it under a new index if its content
     /// changed. Called with the lock held, so indexes follow mutations in order.
     fn publish(&self, inner: &Inner) {
-        let merged = merge::merge(inner.registry.iter().map(|(id, e)| (id, &e.heartbeat)));
+        let merged = merge::merge(inner.registry.iter().map(|(id, e)| (id, &e.heartbeat)), &inner.routes);
         let warming = self.warming();
+        let commit = inner.routes_status.commit.clone();
         let current = self.snapshot();
-        if current.services == merged.services && current.warnings == merged.warnings && current.warming == warming {
+        if current.services == merged.services
+            && current.clients == merged.clients
+            && current.warnings == merged.warnings
+            && current.warming == warming
+            && current.commit == commit
+        {
             return;
         }
         let next = Snapshot {
             index: current.index + 1,
-            commit: current.commit.clone(),
+            commit,
             warming,
             services: merged.services,
+            clients: merged.clients,
             warnings: merged.warnings,
         };
         tracing::info!(index = next.index, services = next.services.len(), warming, "snapshot published");
@@ -204,13 +285,20 @@ impl Directory {
 /// Runs a directory until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     use anyhow::Context;
-    if let Some(dir) = &config.state_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating --state-dir {}", dir.display()))?;
-    }
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding --listen {}", config.listen))?;
-    let directory = Directory::new(config, shutdown.clone());
+    let (directory, triggers) = Directory::new(config, shutdown.clone());
+    let reconciler = match (directory.config.repo.clone(), triggers) {
+        (Some(repo), Some(triggers)) => {
+            let mirror = directory.config.state_dir.join("routes.git");
+            tracing::info!(repo = %repo.url, branch = %repo.branch, poll = ?repo.poll, "following the routes repo");
+            Some(tokio::spawn(reconcile::run(directory.clone(), repo, mirror, triggers, shutdown.clone())))
+        }
+        _ => None,
+    };
     tracing::info!(addr = %listener.local_addr()?, name = %directory.config.name, "directory listening");
 
     let ticker = {
@@ -236,5 +324,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .context("serving the HTTP API")?;
     ticker.await.ok();
+    if let Some(r) = reconciler {
+        r.await.ok();
+    }
     Ok(())
 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{Backoff, DirectoryClient};
 use crate::model::{DirectoryAddr, Snapshot};
+use crate::routes::ClientName;
 use haproxy::{Haproxy, Paths};
 use render::{Renderer, Site};
 
@@ -44,6 +45,8 @@ pub struct Config {
     pub template: Option<PathBuf>,
     /// How this sherlock names itself to the directory (for `dw status`).
     pub name: String,
+    /// The client whose per-client routes this sherlock follows.
+    pub client: ClientName,
 }
 
 /// `/etc/datawire/sherlock.yaml`.
@@ -59,6 +62,8 @@ pub struct FileConfig {
     pub haproxy: Option<PathBuf>,
     #[serde(default)]
     pub template: Option<PathBuf>,
+    #[serde(default)]
+    pub client: Option<ClientName>,
 }
 
 /// From a warming snapshot, backends are added but none removed: a directory
@@ -91,8 +96,11 @@ struct Applier {
     haproxy: Haproxy,
     /// The config HAProxy runs (the file in place).
     running: String,
-    /// The snapshot it was rendered from, after warming merges.
+    /// The snapshot it was rendered from, after warming merges and with this
+    /// client's routes in place.
     applied: Snapshot,
+    /// Whose per-client routes to follow.
+    client: ClientName,
     /// Shared with the subscriber, which reports it to the directory.
     applied_index: Arc<AtomicU64>,
 }
@@ -105,7 +113,8 @@ impl Applier {
     /// Renders `next`, and applies it if the config differs from what runs.
     async fn apply(&mut self, next: &Snapshot) -> anyhow::Result<()> {
         let _span = tracing::info_span!("apply", index = next.index, warming = next.warming).entered();
-        let effective = if next.warming { keep_backends(&self.applied, next) } else { next.clone() };
+        let mine = next.for_client(Some(&self.client));
+        let effective = if next.warming { keep_backends(&self.applied, &mine) } else { mine };
         let candidate = self.renderer.render(&self.site, &effective)?;
         match render::diff(&self.running, &candidate) {
             None => tracing::debug!("config unchanged"),
@@ -157,6 +166,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         haproxy: Haproxy::new(config.haproxy.clone(), paths),
         applied: Snapshot::default(),
         applied_index: Arc::new(AtomicU64::new(0)),
+        client: config.client.clone(),
     };
     start_haproxy(&mut applier, &cached).await?;
 

@@ -375,3 +375,85 @@ pub fn haproxy_pids(run_dir: &Path) -> Vec<i32> {
 pub fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+/// A routes repo for tests: a bare "remote" (what the directory pulls) and
+/// a working clone that commits and pushes to it, both made with git2.
+pub struct RoutesRepo {
+    pub remote: PathBuf,
+    pub work: PathBuf,
+    pub repo: git2::Repository,
+}
+
+impl RoutesRepo {
+    pub fn new(dir: &Path) -> RoutesRepo {
+        let remote = dir.join("routes-remote.git");
+        let mut opts = git2::RepositoryInitOptions::new();
+        opts.bare(true).initial_head("main");
+        git2::Repository::init_opts(&remote, &opts).unwrap();
+        let work = dir.join("routes-work");
+        let repo = git2::Repository::init_opts(&work, git2::RepositoryInitOptions::new().initial_head("main")).unwrap();
+        repo.remote("origin", remote.to_str().unwrap()).unwrap();
+        let mut config = repo.config().unwrap();
+        config.set_str("user.name", "dstack test").unwrap();
+        config.set_str("user.email", "test@dstack.invalid").unwrap();
+        RoutesRepo { remote, work, repo }
+    }
+
+    /// The URL the directory is given.
+    pub fn url(&self) -> String {
+        self.remote.to_str().unwrap().to_string()
+    }
+
+    /// Writes files, commits them all, and returns the commit (no push).
+    pub fn commit_local(&self, files: &[(&str, &str)], message: &str) -> git2::Oid {
+        for (path, text) in files {
+            let full = self.work.join(path);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(full, text).unwrap();
+        }
+        let mut index = self.repo.index().unwrap();
+        index.add_all(["*"], git2::IndexAddOption::DEFAULT, None).unwrap();
+        index.write().unwrap();
+        let tree = self.repo.find_tree(index.write_tree().unwrap()).unwrap();
+        let sig = self.repo.signature().unwrap();
+        let parent = self.repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        self.repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &parents).unwrap()
+    }
+
+    /// Commits and pushes to the remote.
+    pub fn commit(&self, files: &[(&str, &str)], message: &str) -> git2::Oid {
+        let oid = self.commit_local(files, message);
+        self.push();
+        oid
+    }
+
+    pub fn push(&self) {
+        let mut remote = self.repo.find_remote("origin").unwrap();
+        remote.push(&["refs/heads/main:refs/heads/main"], None).unwrap();
+    }
+
+    /// `git revert COMMIT`, committed and pushed.
+    pub fn revert(&self, commit: git2::Oid) -> git2::Oid {
+        let target = self.repo.find_commit(commit).unwrap();
+        self.repo.revert(&target, None).unwrap();
+        let mut index = self.repo.index().unwrap();
+        let tree = self.repo.find_tree(index.write_tree().unwrap()).unwrap();
+        let sig = self.repo.signature().unwrap();
+        let head = self.repo.head().unwrap().peel_to_commit().unwrap();
+        let message = format!("Revert \"{}\"\n\nThis reverts commit {commit}.\n", target.summary().unwrap().unwrap());
+        let oid = self.repo.commit(Some("HEAD"), &sig, &sig, &message, &tree, &[&head]).unwrap();
+        self.repo.cleanup_state().unwrap();
+        self.push();
+        oid
+    }
+}
+
+/// Counts answers by the instance-name prefix before `-` (`v1-a` -> `v1`).
+pub fn by_version(counts: &HashMap<String, usize>) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for (name, n) in counts {
+        *out.entry(name.split('-').next().unwrap_or("").to_string()).or_default() += n;
+    }
+    out
+}

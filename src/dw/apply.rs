@@ -1,0 +1,207 @@
+//! `dw apply` and `dw rollback`: commit (or revert), push, reconcile, and
+//! wait until the directory serves the commit and every sherlock applied it.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::plan::{self, Plan};
+use super::workspace::{short, Workspace};
+use super::{Context, Failure};
+
+/// A sherlock not seen for this long is gone, not lagging: its long polls
+/// last 30 s at most.
+const SHERLOCK_GONE_MS: u64 = 70_000;
+
+/// The commit message apply writes when none is given.
+fn message_for(plan: &Plan) -> String {
+    let parts: Vec<String> = plan
+        .changes
+        .iter()
+        .map(|c| match &c.after {
+            Some(route) => format!("{} {}", c.service, route.weights),
+            None => format!("{} removed", c.service),
+        })
+        .collect();
+    if parts.is_empty() {
+        "dw apply: routes files updated".to_string()
+    } else {
+        format!("dw apply: {}", parts.join("; "))
+    }
+}
+
+/// Refuses a saved plan that no longer describes what would happen.
+fn check_saved(saved: &Plan, now: &Plan) -> Result<(), Failure> {
+    let stale = |why: String| Failure::error(format!("the saved plan is stale: {why}; run `dw plan --out FILE` again"));
+    if saved.served_commit != now.served_commit {
+        return Err(stale(format!(
+            "the directory now serves {} (the plan saw {})",
+            now.served_commit.as_deref().map(short).unwrap_or("nothing"),
+            saved.served_commit.as_deref().map(short).unwrap_or("nothing")
+        )));
+    }
+    if saved.head != now.head {
+        return Err(stale(format!("HEAD moved from {} to {}", short(&saved.head), short(&now.head))));
+    }
+    if saved.routes_digest != now.routes_digest {
+        return Err(stale("the routes files changed since".into()));
+    }
+    Ok(())
+}
+
+/// `dw apply [-m MESSAGE] [PLANFILE]`.
+pub async fn apply(
+    ctx: &Context,
+    repo: Option<&Path>,
+    routes_dir: &str,
+    message: Option<&str>,
+    planfile: Option<&Path>,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let ws = Workspace::open(repo, routes_dir)?;
+    let status = ctx.client.status().await.map_err(Failure::error)?;
+    if status.routes.is_none() {
+        return Err(Failure::error("the directory follows no routes repo (start it with --repo); nothing to apply to"));
+    }
+    let now = plan::compute(&ws, &status)?;
+    if let Some(path) = planfile {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Failure::error(format!("reading {}: {e}", path.display())))?;
+        let saved: Plan = serde_json::from_str(&text)
+            .map_err(|e| Failure::error(format!("{} is not a saved plan: {e}", path.display())))?;
+        check_saved(&saved, &now)?;
+    }
+    let dirty = ws.routes_dirty()?;
+    if !now.has_changes() && !dirty {
+        println!("{}", now.summary);
+        println!("Nothing to apply.");
+        return Ok(());
+    }
+    ws.ensure_not_behind()?;
+    let commit = if dirty {
+        let message = message.map(str::to_string).unwrap_or_else(|| message_for(&now));
+        let oid = ws.commit_routes(&message)?;
+        println!("Committed {} \"{}\".", short(&oid.to_string()), message.lines().next().unwrap_or(""));
+        oid
+    } else {
+        ws.head()?
+    };
+    publish(ctx, &ws, &commit.to_string(), timeout).await
+}
+
+/// `dw rollback [COMMIT]`.
+pub async fn rollback(
+    ctx: &Context,
+    repo: Option<&Path>,
+    routes_dir: &str,
+    commit: Option<&str>,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let ws = Workspace::open(repo, routes_dir)?;
+    if ws.routes_dirty()? {
+        return Err(Failure::error(format!(
+            "{}/ has uncommitted changes; apply or discard them before a rollback",
+            ws.routes_dir
+        )));
+    }
+    ws.ensure_not_behind()?;
+    let target = match commit {
+        Some(name) => ws.resolve(name)?,
+        None => ws.newest_routes_commit()?,
+    };
+    let revert = ws.revert(target)?;
+    println!(
+        "Reverted {} \"{}\" as {}.",
+        short(&target.to_string()),
+        crate::gitsync::commit_summary(&ws.repo, target),
+        short(&revert.to_string())
+    );
+    publish(ctx, &ws, &revert.to_string(), timeout).await
+}
+
+/// Pushes, asks the directory to reconcile, and waits for convergence.
+async fn publish(ctx: &Context, ws: &Workspace, commit: &str, timeout: Duration) -> Result<(), Failure> {
+    ws.push()?;
+    println!("Pushed to origin/{}.", ws.branch);
+    let started = Instant::now();
+    let answer = ctx.client.reconcile().await.map_err(Failure::error)?;
+    if let Some(rejected) = answer.rejected.as_ref().filter(|r| r.commit == commit) {
+        return Err(Failure::error(format!(
+            "the directory rejected {}; the last good commit stays in force:\n{}",
+            short(commit),
+            rejected.errors.join("\n")
+        )));
+    }
+    wait_converged(ctx, commit, started, timeout).await
+}
+
+/// Waits until the directory serves `commit` and every live sherlock has
+/// applied a snapshot built from it; shows progress on a terminal.
+pub async fn wait_converged(ctx: &Context, commit: &str, started: Instant, timeout: Duration) -> Result<(), Failure> {
+    let tty = std::io::stdout().is_terminal();
+    // The snapshot index at which the commit was first seen in force.
+    let mut target: Option<u64> = None;
+    loop {
+        let status = ctx.client.status().await.map_err(Failure::error)?;
+        if let Some(r) = status.routes.as_ref().and_then(|r| r.rejected.as_ref()).filter(|r| r.commit == commit) {
+            return Err(Failure::error(format!("the directory rejected {}:\n{}", short(commit), r.errors.join("\n"))));
+        }
+        let served = status.commit.as_deref() == Some(commit);
+        if served && target.is_none() {
+            target = Some(status.index);
+        }
+        let live: Vec<_> = status.sherlocks.iter().filter(|s| s.last_seen_ms < SHERLOCK_GONE_MS).collect();
+        let done: Vec<_> = live.iter().filter(|s| target.is_some_and(|t| s.applied >= t)).collect();
+        if served && done.len() == live.len() {
+            if tty {
+                print!("\r\x1b[K");
+            }
+            println!(
+                "The directory serves {} (snapshot {}); {}/{} sherlocks applied it in {:.1}s.",
+                short(commit),
+                target.unwrap_or(status.index),
+                done.len(),
+                live.len(),
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if tty {
+            print!(
+                "\r\x1b[Kwaiting: directory {}, {}/{} sherlocks",
+                if served { "serves it" } else { "fetching" },
+                done.len(),
+                live.len()
+            );
+            let _ = std::io::stdout().flush();
+        }
+        if started.elapsed() > timeout {
+            if tty {
+                println!();
+            }
+            let lagging: Vec<String> = live
+                .iter()
+                .filter(|s| target.is_none_or(|t| s.applied < t))
+                .map(|s| {
+                    format!(
+                        "{} (applied snapshot {}, seen {:.1}s ago)",
+                        s.name,
+                        s.applied,
+                        s.last_seen_ms as f64 / 1000.0
+                    )
+                })
+                .collect();
+            let why = if !served {
+                format!("the directory still serves {}", status.commit.as_deref().map(short).unwrap_or("nothing"))
+            } else {
+                format!("lagging: {}", lagging.join(", "))
+            };
+            return Err(Failure::error(format!(
+                "timed out after {}s waiting for {} to converge; {why}",
+                timeout.as_secs(),
+                short(commit)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

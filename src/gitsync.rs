@@ -1,0 +1,221 @@
+//! git2: the directory's mirror of the routes repo, and the commit, push and
+//! revert that `dw` makes in an operator's clone.
+//!
+//! All of it is blocking (libgit2); async callers use `spawn_blocking`.
+
+use std::path::{Path, PathBuf};
+
+use git2::{Cred, CredentialType, FetchOptions, Oid, PushOptions, RemoteCallbacks, Repository};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("git: {context}: {source}")]
+    Git {
+        context: String,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("git: {0}")]
+    Other(String),
+}
+
+fn ctx(context: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
+    let context = context.into();
+    move |source| GitError::Git { context, source }
+}
+
+/// Credentials as git itself would find them: the ssh agent for ssh URLs,
+/// the configured credential helper for https, then libgit2's default.
+/// Each kind is tried once, so a wrong key fails instead of looping.
+pub fn callbacks<'a>() -> RemoteCallbacks<'a> {
+    let mut tried = CredentialType::empty();
+    let mut cb = RemoteCallbacks::new();
+    cb.credentials(move |url, username, allowed| {
+        let config = git2::Config::open_default()?;
+        if allowed.contains(CredentialType::SSH_KEY) && !tried.contains(CredentialType::SSH_KEY) {
+            tried |= CredentialType::SSH_KEY;
+            return Cred::ssh_key_from_agent(username.unwrap_or("git"));
+        }
+        if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) && !tried.contains(CredentialType::USER_PASS_PLAINTEXT)
+        {
+            tried |= CredentialType::USER_PASS_PLAINTEXT;
+            return Cred::credential_helper(&config, url, username);
+        }
+        if allowed.contains(CredentialType::DEFAULT) && !tried.contains(CredentialType::DEFAULT) {
+            tried |= CredentialType::DEFAULT;
+            return Cred::default();
+        }
+        Err(git2::Error::from_str("no credentials accepted (tried the ssh agent and the credential helper)"))
+    });
+    cb
+}
+
+/// A bare mirror of the routes repo in the directory's state dir.
+pub struct Mirror {
+    repo: Repository,
+    branch: String,
+}
+
+/// A routes file read from a commit: its path from the repo root, its text.
+pub type RouteFile = (String, String);
+
+impl Mirror {
+    /// Opens the mirror at `path`, or clones `url` there. A mirror of some
+    /// other URL is replaced.
+    pub fn open_or_clone(url: &str, path: &Path, branch: &str) -> Result<Mirror, GitError> {
+        if let Ok(repo) = Repository::open_bare(path) {
+            let same = repo.find_remote("origin").ok().map(|r| r.url().is_ok_and(|u| u == url)).unwrap_or(false);
+            if same {
+                return Ok(Mirror { repo, branch: branch.to_string() });
+            }
+            std::fs::remove_dir_all(path)
+                .map_err(|e| GitError::Other(format!("removing stale mirror {}: {e}", path.display())))?;
+        }
+        let repo = Repository::init_bare(path).map_err(ctx(format!("creating a mirror in {}", path.display())))?;
+        repo.remote("origin", url).map_err(ctx(format!("adding remote {url}")))?;
+        Ok(Mirror { repo, branch: branch.to_string() })
+    }
+
+    /// Fetches the branch and returns the commit it points at.
+    pub fn fetch(&self) -> Result<Oid, GitError> {
+        let mut remote = self.repo.find_remote("origin").map_err(ctx("finding remote origin"))?;
+        let refspec = format!("+refs/heads/{0}:refs/remotes/origin/{0}", self.branch);
+        let mut opts = FetchOptions::new();
+        opts.remote_callbacks(callbacks());
+        remote.fetch(&[&refspec], Some(&mut opts), None).map_err(ctx(format!(
+            "fetching branch {} from {}",
+            self.branch,
+            remote.url().unwrap_or("?")
+        )))?;
+        let reference = format!("refs/remotes/origin/{}", self.branch);
+        let oid =
+            self.repo.refname_to_id(&reference).map_err(ctx(format!("the remote has no branch {:?}", self.branch)))?;
+        Ok(oid)
+    }
+
+    /// The routes files of a commit: every `*.yaml`/`*.yml` directly in
+    /// `routes_dir`. A commit without that folder has no routes.
+    pub fn routes_files(&self, commit: Oid, routes_dir: &str) -> Result<Vec<RouteFile>, GitError> {
+        routes_files(&self.repo, commit, routes_dir)
+    }
+
+    /// The subject line of a commit, for status output.
+    pub fn summary(&self, commit: Oid) -> String {
+        commit_summary(&self.repo, commit)
+    }
+}
+
+/// The subject line of a commit ("" if unreadable).
+pub fn commit_summary(repo: &Repository, commit: Oid) -> String {
+    repo.find_commit(commit).ok().and_then(|c| c.summary().ok().flatten().map(str::to_string)).unwrap_or_default()
+}
+
+/// The routes files of `commit` in `repo`.
+pub fn routes_files(repo: &Repository, commit: Oid, routes_dir: &str) -> Result<Vec<RouteFile>, GitError> {
+    let commit = repo.find_commit(commit).map_err(ctx("reading the commit"))?;
+    let tree = commit.tree().map_err(ctx("reading the commit's tree"))?;
+    let dir = routes_dir.trim_matches('/');
+    let subtree = match tree.get_path(Path::new(dir)) {
+        Ok(entry) => entry.to_object(repo).map_err(ctx(format!("reading {dir}/")))?.peel_to_tree().ok(),
+        Err(_) => None,
+    };
+    let Some(subtree) = subtree else { return Ok(Vec::new()) };
+    let mut files = Vec::new();
+    for entry in subtree.iter() {
+        let Ok(name) = entry.name() else { continue };
+        if !(name.ends_with(".yaml") || name.ends_with(".yml")) || entry.kind() != Some(git2::ObjectType::Blob) {
+            continue;
+        }
+        let blob =
+            entry.to_object(repo).and_then(|o| o.peel_to_blob()).map_err(ctx(format!("reading {dir}/{name}")))?;
+        let text = String::from_utf8_lossy(blob.content()).into_owned();
+        files.push((format!("{dir}/{name}"), text));
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Where a repo given as a plain local path keeps the refs that a commit or
+/// push changes, for the file-system watch. None for a URL (`file://`
+/// included: a URL says "treat this as a remote", so it is polled).
+pub fn local_git_dir(url: &str) -> Option<PathBuf> {
+    if url.contains("://") {
+        return None;
+    }
+    let path = PathBuf::from(url);
+    let repo = Repository::open(&path).ok()?;
+    Some(repo.path().to_path_buf())
+}
+
+/// Pushes `branch` of `repo` to its remote `origin`.
+pub fn push(repo: &Repository, branch: &str) -> Result<(), GitError> {
+    let mut remote = repo.find_remote("origin").map_err(ctx("finding remote origin"))?;
+    let mut rejected: Option<String> = None;
+    {
+        let mut cb = callbacks();
+        cb.push_update_reference(|refname, status| {
+            if let Some(msg) = status {
+                rejected = Some(format!("{refname}: {msg}"));
+            }
+            Ok(())
+        });
+        let mut opts = PushOptions::new();
+        opts.remote_callbacks(cb);
+        let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
+        remote.push(&[&refspec], Some(&mut opts)).map_err(ctx(format!("pushing {branch} to origin")))?;
+    }
+    match rejected {
+        Some(why) => Err(GitError::Other(format!("the remote refused the push ({why}); pull first"))),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Makes a commit of `files` on `branch` in a non-bare repo.
+    fn commit(repo: &Repository, files: &[(&str, &str)], message: &str) -> Oid {
+        let root = repo.workdir().unwrap();
+        for (path, text) in files {
+            let full = root.join(path);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(full, text).unwrap();
+        }
+        let mut index = repo.index().unwrap();
+        index.add_all(["*"], git2::IndexAddOption::DEFAULT, None).unwrap();
+        index.write().unwrap();
+        let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+        let sig = git2::Signature::now("test", "test@example.com").unwrap();
+        let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &parents).unwrap()
+    }
+
+    #[test]
+    fn mirror_fetches_and_reads_routes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let origin =
+            Repository::init_opts(tmp.path().join("origin"), git2::RepositoryInitOptions::new().initial_head("main"))
+                .unwrap();
+        let first = commit(&origin, &[("routes/barker.yaml", "barker: {v1: 100}\n"), ("README.md", "x")], "first");
+        let url = tmp.path().join("origin").to_str().unwrap().to_string();
+        let mirror = Mirror::open_or_clone(&url, &tmp.path().join("mirror"), "main").unwrap();
+        assert_eq!(mirror.fetch().unwrap(), first);
+        let files = mirror.routes_files(first, "routes").unwrap();
+        assert_eq!(files, vec![("routes/barker.yaml".to_string(), "barker: {v1: 100}\n".to_string())]);
+
+        let second = commit(&origin, &[("routes/emitter.yml", "emitter: {v1: 100}\n")], "second");
+        // Reopening finds the existing mirror and fetches the new commit.
+        let mirror = Mirror::open_or_clone(&url, &tmp.path().join("mirror"), "main").unwrap();
+        assert_eq!(mirror.fetch().unwrap(), second);
+        assert_eq!(mirror.routes_files(second, "routes").unwrap().len(), 2);
+        assert_eq!(mirror.summary(second), "second");
+        assert!(local_git_dir(&url).is_some());
+        assert!(local_git_dir("https://example.com/x.git").is_none());
+        assert!(local_git_dir(&format!("file://{url}")).is_none());
+
+        let wrong = Mirror::open_or_clone(&url, &tmp.path().join("mirror2"), "nonesuch").unwrap();
+        assert!(wrong.fetch().unwrap_err().to_string().contains("nonesuch"));
+    }
+}

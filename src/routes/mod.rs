@@ -1,0 +1,383 @@
+//! Routes: the desired traffic split, read from YAML files in the routes repo.
+//!
+//! A routes file maps each service to the share of traffic every version of
+//! it should get (see DESIGN.md, "The GitOps model"):
+//!
+//! ```yaml
+//! barker:            # short form: version -> weight
+//!   v1: 90
+//!   v2: 10
+//! transform:         # long form: weights plus per-client overrides
+//!   weights: {v1: 100}
+//!   clients:
+//!     monolith: {v1: 50, v2: 50}
+//! ```
+//!
+//! [`parse_files`] validates a whole commit at once and returns every error
+//! with its `file:line:column`, so one push shows the operator everything to
+//! fix. [`weights`] turns a validated route and the live instances into
+//! HAProxy server weights. `schema/routes.schema.json` states the same rules
+//! for editors; the code is the authority (it also checks the sums).
+
+mod parse;
+pub mod weights;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ServiceName, Version};
+
+pub use parse::parse_files;
+pub use weights::{effective_shares, realized_shares, server_weights, Assignment};
+
+/// What every weight map must sum to: weights are percentages.
+pub const WEIGHT_TOTAL: u32 = 100;
+
+/// The name a sherlock goes by when it asks for its own routes: `monolith`,
+/// or by default its host name (`main.example.com`).
+///
+/// `^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ClientName(String);
+
+impl ClientName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why a client name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid client name {0:?}: a client name is 1 to 63 characters of A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit (e.g. `monolith` or a host name)")]
+pub struct ClientNameError(pub String);
+
+impl FromStr for ClientName {
+    type Err = ClientNameError;
+    fn from_str(s: &str) -> Result<Self, ClientNameError> {
+        let mut chars = s.chars();
+        let ok = s.len() <= 63
+            && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if ok {
+            Ok(ClientName(s.to_string()))
+        } else {
+            Err(ClientNameError(s.to_string()))
+        }
+    }
+}
+
+impl fmt::Display for ClientName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A version -> weight map that meets the rules: not empty, each weight in
+/// 0..=100, summing to exactly 100.
+///
+/// The field is public so callers can read it freely; build one with
+/// [`Weights::new`] (or deserialize it) so that the rules are checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Weights(pub BTreeMap<Version, u32>);
+
+/// Why a weight map was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WeightsError {
+    #[error("no weights: list at least one version with its weight, e.g. `v1: 100`")]
+    Empty,
+    #[error("weight {weight} for {version} is out of range: a weight is a whole number from 0 to 100")]
+    OutOfRange { version: Version, weight: u32 },
+    #[error("weights sum to {0}, they must sum to 100")]
+    Sum(u32),
+}
+
+impl Weights {
+    /// Checks the rules; the error says which one failed.
+    pub fn new(map: BTreeMap<Version, u32>) -> Result<Weights, WeightsError> {
+        if map.is_empty() {
+            return Err(WeightsError::Empty);
+        }
+        if let Some((version, &weight)) = map.iter().find(|(_, w)| **w > WEIGHT_TOTAL) {
+            return Err(WeightsError::OutOfRange { version: version.clone(), weight });
+        }
+        // Each weight is at most 100, so the sum cannot overflow.
+        let sum: u32 = map.values().sum();
+        if sum != WEIGHT_TOTAL {
+            return Err(WeightsError::Sum(sum));
+        }
+        Ok(Weights(map))
+    }
+
+    /// The weight of `version`; 0 when it is not listed (a staged version).
+    pub fn get(&self, version: &Version) -> u32 {
+        self.0.get(version).copied().unwrap_or(0)
+    }
+}
+
+/// `v1=90 v2=10`: the form `dw route set` takes.
+impl fmt::Display for Weights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (version, weight)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{version}={weight}")?;
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for Weights {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Weights::new(BTreeMap::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The desired split of one service's traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// The split every client follows unless it has its own entry.
+    pub weights: Weights,
+    /// Per-client overrides: a sherlock with one of these names follows its
+    /// own split instead (e.g. move one consumer to a new version first).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub clients: BTreeMap<ClientName, Weights>,
+}
+
+/// Every route of one commit of the routes repo.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteSet {
+    /// One route per service; a service without an entry splits its traffic
+    /// equally across its live instances.
+    pub routes: BTreeMap<ServiceName, Route>,
+}
+
+impl RouteSet {
+    /// The weights a given client should follow for a service: its own entry
+    /// if any, else the service's. `None` when the service has no route.
+    pub fn weights_for(&self, service: &ServiceName, client: Option<&ClientName>) -> Option<&Weights> {
+        let route = self.routes.get(service)?;
+        Some(client.and_then(|c| route.clients.get(c)).unwrap_or(&route.weights))
+    }
+}
+
+/// One thing wrong with a routes file, located for an editor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct RouteError {
+    /// Path relative to the repo root (`routes/barker.yaml`), as in git.
+    pub file: String,
+    /// 1-based line of the offending key or value.
+    pub line: usize,
+    /// 1-based column, in characters.
+    pub column: usize,
+    /// What is wrong and what would be accepted.
+    pub message: String,
+}
+
+/// Reads every `*.yaml`/`*.yml` file directly under `root/routes_dir`, in
+/// name order, and [`parse_files`] them. A missing directory is an empty
+/// [`RouteSet`] (a repo may have no routes yet).
+///
+/// Paths in errors are `routes_dir/name.yaml`; an IO error becomes a
+/// [`RouteError`] at line 1, column 1 of the file (or directory) it concerns.
+pub fn load_dir(root: &Path, routes_dir: &str) -> Result<RouteSet, Vec<RouteError>> {
+    let prefix = routes_dir.trim_end_matches('/');
+    let rel = |name: &str| match prefix {
+        "" | "." => name.to_string(),
+        _ => format!("{prefix}/{name}"),
+    };
+    let io_error = |file: String, what: &str, e: std::io::Error| RouteError {
+        file,
+        line: 1,
+        column: 1,
+        message: format!("cannot {what}: {e}"),
+    };
+    let dir = root.join(prefix);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RouteSet::default()),
+        Err(e) => return Err(vec![io_error(prefix.to_string(), "read the routes directory", e)]),
+    };
+
+    let mut errors = Vec::new();
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                errors.push(io_error(prefix.to_string(), "read the routes directory", e));
+                continue;
+            }
+        };
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            // Refused rather than skipped: a routes file nobody can name
+            // must not be silently left out of the commit.
+            let lossy = entry.file_name().to_string_lossy().to_string();
+            errors.push(RouteError {
+                file: rel(&lossy),
+                line: 1,
+                column: 1,
+                message: "the file name is not UTF-8; rename it".to_string(),
+            });
+            continue;
+        };
+        // `metadata` follows symlinks, so a linked file counts like a file.
+        let is_file = std::fs::metadata(entry.path()).map(|m| m.is_file()).unwrap_or(false);
+        if is_file && (name.ends_with(".yaml") || name.ends_with(".yml")) {
+            names.push(name);
+        }
+    }
+    names.sort();
+
+    let mut contents = Vec::new();
+    for name in names {
+        let file = rel(&name);
+        match std::fs::read(dir.join(&name)) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => contents.push((file, text)),
+                Err(_) => errors.push(RouteError {
+                    file,
+                    line: 1,
+                    column: 1,
+                    message: "the file is not UTF-8 text; routes files are UTF-8 YAML".to_string(),
+                }),
+            },
+            Err(e) => errors.push(io_error(file, "read the file", e)),
+        }
+    }
+
+    match parse_files(contents.iter().map(|(file, text)| (file.as_str(), text.as_str()))) {
+        Ok(set) if errors.is_empty() => Ok(set),
+        Ok(_) => Err(errors),
+        Err(more) => {
+            errors.extend(more);
+            Err(errors)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Version {
+        s.parse().unwrap()
+    }
+
+    fn weights(pairs: &[(&str, u32)]) -> Weights {
+        Weights::new(pairs.iter().map(|(k, w)| (v(k), *w)).collect()).unwrap()
+    }
+
+    #[test]
+    fn client_names() {
+        for ok in ["monolith", "main.example.com", "a", "A-1_b", &"x".repeat(63)] {
+            assert_eq!(ok.parse::<ClientName>().unwrap().as_str(), ok);
+        }
+        for bad in ["", "-x", ".x", "a b", "a/b", "é", &"x".repeat(64)] {
+            let err = bad.parse::<ClientName>().unwrap_err().to_string();
+            assert!(err.contains("starting with a letter or digit"), "{bad:?}: {err}");
+        }
+        assert!(serde_json::from_str::<ClientName>("\"a b\"").is_err());
+    }
+
+    #[test]
+    fn weights_rules() {
+        let map = |pairs: &[(&str, u32)]| pairs.iter().map(|(k, w)| (v(k), *w)).collect::<BTreeMap<_, _>>();
+        assert_eq!(Weights::new(map(&[])), Err(WeightsError::Empty));
+        assert_eq!(Weights::new(map(&[("v1", 90), ("v2", 30)])), Err(WeightsError::Sum(120)));
+        assert_eq!(
+            Weights::new(map(&[("v1", 101)])).unwrap_err().to_string(),
+            "weight 101 for v1 is out of range: a weight is a whole number from 0 to 100"
+        );
+        let w = weights(&[("v1", 90), ("v2", 10), ("v3", 0)]);
+        assert_eq!((w.get(&v("v2")), w.get(&v("v9"))), (10, 0));
+        assert_eq!(w.to_string(), "v1=90 v2=10 v3=0");
+    }
+
+    #[test]
+    fn serde_round_trip_validates() {
+        let mut set = RouteSet::default();
+        let mut clients = BTreeMap::new();
+        clients.insert("monolith".parse().unwrap(), weights(&[("v1", 70), ("v2", 30)]));
+        set.routes.insert("barker".parse().unwrap(), Route { weights: weights(&[("v1", 90), ("v2", 10)]), clients });
+        set.routes
+            .insert("emitter".parse().unwrap(), Route { weights: weights(&[("v1", 100)]), clients: BTreeMap::new() });
+        let json = serde_json::to_string(&set).unwrap();
+        assert_eq!(
+            json,
+            r#"{"routes":{"barker":{"weights":{"v1":90,"v2":10},"clients":{"monolith":{"v1":70,"v2":30}}},"emitter":{"weights":{"v1":100}}}}"#
+        );
+        assert_eq!(serde_json::from_str::<RouteSet>(&json).unwrap(), set);
+        let bad_sum = r#"{"routes":{"emitter":{"weights":{"v1":90}}}}"#;
+        let err = serde_json::from_str::<RouteSet>(bad_sum).unwrap_err().to_string();
+        assert!(err.contains("weights sum to 90, they must sum to 100"), "{err}");
+    }
+
+    #[test]
+    fn weights_for_prefers_the_clients_own_entry() {
+        let set = parse_files([(
+            "routes/barker.yaml",
+            "barker:\n  weights: {v1: 90, v2: 10}\n  clients:\n    monolith: {v1: 70, v2: 30}\nemitter: {v1: 100}\n",
+        )])
+        .unwrap();
+        let barker: ServiceName = "barker".parse().unwrap();
+        let monolith: ClientName = "monolith".parse().unwrap();
+        let other: ClientName = "vm7".parse().unwrap();
+        assert_eq!(set.weights_for(&barker, Some(&monolith)), Some(&weights(&[("v1", 70), ("v2", 30)])));
+        assert_eq!(set.weights_for(&barker, Some(&other)), Some(&weights(&[("v1", 90), ("v2", 10)])));
+        assert_eq!(set.weights_for(&barker, None), Some(&weights(&[("v1", 90), ("v2", 10)])));
+        let emitter: ServiceName = "emitter".parse().unwrap();
+        assert_eq!(set.weights_for(&emitter, Some(&monolith)), Some(&weights(&[("v1", 100)])));
+        assert_eq!(set.weights_for(&"nobody".parse().unwrap(), Some(&monolith)), None);
+    }
+
+    #[test]
+    fn load_dir_reads_yaml_files_in_order_and_ignores_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(load_dir(tmp.path(), "routes"), Ok(RouteSet::default()), "missing dir = no routes");
+        let dir = tmp.path().join("routes");
+        std::fs::create_dir_all(dir.join("nested.yaml")).unwrap();
+        std::fs::write(dir.join("nested.yaml/deep.yaml"), "deep: {v1: 100}\n").unwrap();
+        std::fs::write(dir.join("b.yml"), "barker: {v1: 100}\n").unwrap();
+        std::fs::write(dir.join("a.yaml"), "emitter: {v1: 100}\n").unwrap();
+        std::fs::write(dir.join("README.md"), "not: [yaml\n").unwrap();
+        let set = load_dir(tmp.path(), "routes/").unwrap();
+        let names: Vec<_> = set.routes.keys().map(ServiceName::as_str).collect();
+        assert_eq!(names, ["barker", "emitter"]);
+
+        std::fs::write(dir.join("c.yaml"), "emitter: {v1: 50}\n").unwrap();
+        std::fs::write(dir.join("d.yaml"), [0xff, 0xfe]).unwrap();
+        let errors: Vec<String> = load_dir(tmp.path(), "routes").unwrap_err().iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            errors,
+            [
+                "routes/d.yaml:1:1: the file is not UTF-8 text; routes files are UTF-8 YAML",
+                "routes/c.yaml:1:1: emitter: service is already defined at routes/a.yaml:1:1; define each service once",
+                "routes/c.yaml:1:11: emitter: weights sum to 50, they must sum to 100",
+            ]
+        );
+    }
+
+    #[test]
+    fn load_dir_reports_a_routes_path_that_is_not_a_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("routes"), "").unwrap();
+        let errors = load_dir(tmp.path(), "routes").unwrap_err();
+        assert_eq!((errors[0].file.as_str(), errors[0].line, errors[0].column), ("routes", 1, 1));
+        assert!(errors[0].message.starts_with("cannot read the routes directory: "), "{}", errors[0]);
+    }
+}

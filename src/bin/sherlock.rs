@@ -38,6 +38,17 @@ struct Args {
     /// The name this sherlock reports to the directory [default: HOST-PORT].
     #[arg(long)]
     name: Option<String>,
+    /// Where /metrics and /status are served; `off` turns them off.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    admin: String,
+    /// How changes reach HAProxy: `runtime` (servers through the Runtime API,
+    /// a seamless reload only for new services or a new template) or
+    /// `reload` (a seamless reload for every change).
+    #[arg(long, value_enum, default_value = "runtime")]
+    apply_mode: dstack::sherlock::ApplyMode,
+    /// Changes closer together than this are applied as one (capped at 1s); 0 turns it off.
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    coalesce: std::time::Duration,
     /// The config file read when no -d is given.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
@@ -90,7 +101,29 @@ fn settings(args: Args) -> Result<Config, String> {
     if run_dir.join("master.sock").as_os_str().len() > 100 {
         return Err(format!("--run-dir {}: too long for a unix socket path; use a shorter one", run_dir.display()));
     }
-    Ok(Config { directories, listen, run_dir, haproxy, template, name, client })
+    let admin = match args.admin.as_str() {
+        "off" | "none" => None,
+        raw => Some(
+            raw.parse::<SocketAddr>()
+                .map_err(|_| format!("--admin {raw:?}: expected host:port such as 127.0.0.1:8001, or off"))?,
+        ),
+    };
+    let admin = if args.admin == "127.0.0.1:8001" { file.as_ref().and_then(|f| f.admin).or(admin) } else { admin };
+    if args.coalesce > std::time::Duration::from_secs(1) {
+        return Err("--coalesce: at most 1s".into());
+    }
+    Ok(Config {
+        directories,
+        listen,
+        run_dir,
+        haproxy,
+        template,
+        name,
+        client,
+        admin,
+        mode: args.apply_mode,
+        coalesce: args.coalesce,
+    })
 }
 
 #[tokio::main]

@@ -6,14 +6,17 @@
 //! applier takes the newest one, renders, diffs and applies it. The channel
 //! keeps only the latest snapshot, so a burst of changes is applied once.
 
+pub mod admin;
 pub mod haproxy;
 pub mod render;
+pub mod runtime;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::Deserialize;
@@ -47,6 +50,12 @@ pub struct Config {
     pub name: String,
     /// The client whose per-client routes this sherlock follows.
     pub client: ClientName,
+    /// Where `/metrics` and `/status` are served; None turns them off.
+    pub admin: Option<SocketAddr>,
+    /// How changes reach HAProxy.
+    pub mode: ApplyMode,
+    /// Changes closer together than this are applied as one (capped at 1 s).
+    pub coalesce: Duration,
 }
 
 /// `/etc/datawire/sherlock.yaml`.
@@ -64,6 +73,8 @@ pub struct FileConfig {
     pub template: Option<PathBuf>,
     #[serde(default)]
     pub client: Option<ClientName>,
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
 }
 
 /// From a warming snapshot, backends are added but none removed: a directory
@@ -89,25 +100,74 @@ fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// How changes reach HAProxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ApplyMode {
+    /// Servers through the Runtime API; a seamless reload only when more changed.
+    Runtime,
+    /// A seamless reload for every change (the baseline benchmarks compare with).
+    Reload,
+}
+
+/// A server being drained: it takes no new requests and is deleted once
+/// its connections end, or after `DRAIN_LIMIT`.
+struct Draining {
+    line: runtime::ServerLine,
+    since: Instant,
+}
+
+/// The longest a removed server is kept for its open connections.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+/// How often runtime state is read back and compared.
+const DRIFT_EVERY: Duration = Duration::from_secs(5);
+
 /// The applier's state: what runs now.
 struct Applier {
     renderer: Renderer,
     site: Site,
     haproxy: Haproxy,
-    /// The config HAProxy runs (the file in place).
+    mode: ApplyMode,
+    /// The config HAProxy runs (the file in place, modulo runtime changes
+    /// already written to it).
     running: String,
     /// The snapshot it was rendered from, after warming merges and with this
     /// client's routes in place.
     applied: Snapshot,
     /// Whose per-client routes to follow.
     client: ClientName,
-    /// Shared with the subscriber, which reports it to the directory.
-    applied_index: Arc<AtomicU64>,
+    /// The applied index, watched by the subscriber to report it at once.
+    applied_index: watch::Sender<u64>,
+    /// Servers removed from the config that HAProxy still holds.
+    draining: BTreeMap<(String, String), Draining>,
+    shared: Arc<admin::Shared>,
+}
+
+/// True when a Runtime API answer reports success.
+fn runtime_ok(answer: &str) -> bool {
+    let a = answer.trim();
+    a.is_empty() || a.starts_with("New server registered") || a.starts_with("Server deleted")
 }
 
 impl Applier {
     fn snapshot_file(&self) -> PathBuf {
         self.haproxy.paths.run_dir.join("snapshot.json")
+    }
+
+    fn metrics(&self) -> &admin::Metrics {
+        &self.shared.metrics
+    }
+
+    /// Sends Runtime API commands in order; the first refusal stops them.
+    async fn runtime(&self, commands: &[String]) -> anyhow::Result<()> {
+        for command in commands {
+            let answer = self.haproxy.runtime_command(command).await?;
+            self.metrics().runtime_commands.fetch_add(1, Ordering::Relaxed);
+            if !runtime_ok(&answer) {
+                anyhow::bail!("haproxy refused `{command}`: {}", answer.trim());
+            }
+            tracing::debug!(%command, "runtime api");
+        }
+        Ok(())
     }
 
     /// Renders `next`, and applies it if the config differs from what runs.
@@ -117,24 +177,29 @@ impl Applier {
         let effective = if next.warming { keep_backends(&self.applied, &mine) } else { mine };
         let candidate = self.renderer.render(&self.site, &effective)?;
         match render::diff(&self.running, &candidate) {
-            None => tracing::debug!("config unchanged"),
+            None => {
+                tracing::debug!("config unchanged");
+                self.metrics().unchanged.fetch_add(1, Ordering::Relaxed);
+            }
             Some(diff) => {
                 tracing::info!("haproxy.cfg changes:\n{diff}");
-                let paths = &self.haproxy.paths;
-                std::fs::write(&paths.candidate, &candidate).context("writing the candidate config")?;
-                self.haproxy.check(&paths.candidate).await?;
-                std::fs::rename(&paths.candidate, &paths.config).context("moving the candidate into place")?;
-                if let Err(e) = self.haproxy.reload().await {
-                    // Put back the file that matches the worker still serving.
-                    write_atomic(&self.haproxy.paths.config, &self.running).ok();
-                    return Err(e.into());
+                if !self.apply_at_runtime(&candidate).await {
+                    self.reload(&candidate).await?;
                 }
-                self.running = candidate;
-                tracing::info!("haproxy reloaded");
             }
         }
         self.applied = effective;
-        self.applied_index.store(next.index, Ordering::SeqCst);
+        self.metrics().applied_index.store(next.index, Ordering::Relaxed);
+        self.applied_index.send_replace(next.index);
+        {
+            let mut status = self.shared.status.lock().unwrap();
+            status.applied_index = next.index;
+            status.applied_commit = next.commit.clone();
+            status.services = self.applied.services.len();
+            status.servers = self.applied.services.values().map(|s| s.backends.len()).sum();
+            status.draining = self.draining.len();
+            status.last_error = None;
+        }
         if let Ok(json) = serde_json::to_string(&self.applied) {
             if let Err(e) = write_atomic(&self.snapshot_file(), &json) {
                 tracing::warn!(error = %e, "could not save the snapshot for a fast restart");
@@ -142,6 +207,133 @@ impl Applier {
         }
         Ok(())
     }
+
+    /// Applies a server-only change through the Runtime API; false when a
+    /// reload is needed instead (or the runtime change failed part-way: the
+    /// reload then puts everything right).
+    async fn apply_at_runtime(&mut self, candidate: &str) -> bool {
+        if self.mode != ApplyMode::Runtime || !self.haproxy.is_running() {
+            return false;
+        }
+        let lines: BTreeMap<(String, String), runtime::ServerLine> =
+            self.draining.iter().map(|(k, d)| (k.clone(), d.line.clone())).collect();
+        let Some(ops) = runtime::plan(&self.running, candidate, &lines) else { return false };
+        let commands: Vec<String> = ops.iter().flat_map(runtime::Op::commands).collect();
+        if let Err(e) = self.runtime(&commands).await {
+            tracing::warn!(error = format!("{e:#}"), "runtime change failed; reloading instead");
+            return false;
+        }
+        let old = runtime::servers_of(&self.running);
+        for op in &ops {
+            match op {
+                runtime::Op::Drain { backend, server } => {
+                    if let Some(line) = old.get(backend).and_then(|s| s.get(server)) {
+                        self.draining.insert(
+                            (backend.clone(), server.clone()),
+                            Draining { line: line.clone(), since: Instant::now() },
+                        );
+                    }
+                }
+                runtime::Op::Undrain { backend, server, .. } => {
+                    self.draining.remove(&(backend.clone(), server.clone()));
+                }
+                _ => {}
+            }
+        }
+        // The file matches what runs, so a later reload reproduces it.
+        if let Err(e) = write_atomic(&self.haproxy.paths.config, candidate) {
+            tracing::warn!(error = %e, "could not write haproxy.cfg after a runtime change");
+        }
+        self.running = candidate.to_string();
+        self.metrics().runtime_applies.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(commands = commands.len(), "applied through the runtime api, no reload");
+        true
+    }
+
+    /// Checks the candidate, puts it in place and reloads seamlessly.
+    async fn reload(&mut self, candidate: &str) -> anyhow::Result<()> {
+        let paths = self.haproxy.paths.clone();
+        std::fs::write(&paths.candidate, candidate).context("writing the candidate config")?;
+        self.haproxy.check(&paths.candidate).await?;
+        std::fs::rename(&paths.candidate, &paths.config).context("moving the candidate into place")?;
+        if let Err(e) = self.haproxy.reload().await {
+            self.metrics().failed_reloads.fetch_add(1, Ordering::Relaxed);
+            // Put back the file that matches the worker still serving.
+            write_atomic(&paths.config, &self.running).ok();
+            return Err(e.into());
+        }
+        self.metrics().reloads.fetch_add(1, Ordering::Relaxed);
+        // The new worker has only what the file lists: nothing drains.
+        self.draining.clear();
+        self.running = candidate.to_string();
+        tracing::info!("haproxy reloaded");
+        Ok(())
+    }
+
+    /// Deletes drained servers whose connections have ended.
+    async fn reap(&mut self) {
+        if self.draining.is_empty() || !self.haproxy.is_running() {
+            return;
+        }
+        let sessions = match self.haproxy.runtime_command("show stat -1 4 -1").await {
+            Ok(csv) => parse_sessions(&csv),
+            Err(_) => return,
+        };
+        let mut done = Vec::new();
+        for ((backend, server), d) in &self.draining {
+            let busy = sessions.get(&(backend.clone(), server.clone())).copied().unwrap_or(0);
+            if busy > 0 && d.since.elapsed() < DRAIN_LIMIT {
+                continue;
+            }
+            let commands =
+                [format!("set server {backend}/{server} state maint"), format!("del server {backend}/{server}")];
+            match self.runtime(&commands).await {
+                Ok(()) => done.push((backend.clone(), server.clone())),
+                Err(e) if e.to_string().contains("No such server") => done.push((backend.clone(), server.clone())),
+                Err(e) => tracing::debug!(error = %e, "a drained server is not deletable yet"),
+            }
+        }
+        for key in done {
+            tracing::info!(backend = %key.0, server = %key.1, "drained server deleted");
+            self.draining.remove(&key);
+        }
+    }
+
+    /// Reads the runtime state back and corrects anything that differs from
+    /// the running config (an operator's `set server`, a lost command).
+    async fn correct_drift(&mut self) {
+        if !self.haproxy.is_running() {
+            return;
+        }
+        let Ok(text) = self.haproxy.runtime_command("show servers state").await else { return };
+        let actual = runtime::parse_servers_state(&text);
+        let wanted = runtime::servers_of(&self.running);
+        let lines = self.draining.iter().map(|(k, d)| (k.clone(), d.line.clone())).collect();
+        let fixes = runtime::drift(&wanted, &actual, &lines);
+        if fixes.is_empty() {
+            return;
+        }
+        tracing::warn!(fixes = ?fixes, "haproxy's runtime state drifted from the config; correcting");
+        self.metrics().drift_corrections.fetch_add(fixes.len() as u64, Ordering::Relaxed);
+        if let Err(e) = self.runtime(&fixes).await {
+            tracing::warn!(error = format!("{e:#}"), "could not correct drift at runtime; reloading");
+            let running = self.running.clone();
+            if let Err(e) = self.reload(&running).await {
+                tracing::error!(error = format!("{e:#}"), "reload after drift failed");
+            }
+        }
+    }
+}
+
+/// Current sessions per (backend, server) from `show stat` CSV.
+fn parse_sessions(csv: &str) -> BTreeMap<(String, String), u64> {
+    csv.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            Some(((f.first()?.to_string(), f.get(1)?.to_string()), f.get(4)?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Runs sherlock until `shutdown`, then stops its HAProxy.
@@ -153,38 +345,89 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let paths = Paths::new(&run_dir);
     let renderer = Renderer::new(config.template.as_deref())?;
     let site = Site { bind: config.listen.to_string(), admin_socket: paths.admin_socket.clone() };
+    let shared = Arc::new(admin::Shared::default());
+    {
+        let mut status = shared.status.lock().unwrap();
+        status.name = config.name.clone();
+        status.client = config.client.to_string();
+    }
+    let admin_server = match config.admin {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --admin {addr}"))?;
+            tracing::info!(%addr, "admin endpoint listening (/metrics, /status)");
+            let app = admin::app(shared.clone());
+            let stop = shutdown.clone();
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await.ok();
+            }))
+        }
+        None => None,
+    };
 
     // Fail static across restarts: serve the last applied snapshot at once.
-    let cached: Snapshot = std::fs::read_to_string(config.run_dir.join("snapshot.json"))
+    let cached: Snapshot = std::fs::read_to_string(run_dir.join("snapshot.json"))
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default();
+    let (applied_tx, applied_rx) = watch::channel(0u64);
     let mut applier = Applier {
         running: String::new(),
         renderer,
         site,
         haproxy: Haproxy::new(config.haproxy.clone(), paths),
+        mode: config.mode,
         applied: Snapshot::default(),
-        applied_index: Arc::new(AtomicU64::new(0)),
         client: config.client.clone(),
+        applied_index: applied_tx,
+        draining: BTreeMap::new(),
+        shared: shared.clone(),
     };
     start_haproxy(&mut applier, &cached).await?;
+    shared.status.lock().unwrap().haproxy_running = true;
 
     let (tx, mut rx) = watch::channel::<Option<Snapshot>>(None);
-    let subscriber = tokio::spawn(subscribe(config.clone(), tx, applier.applied_index.clone(), shutdown.clone()));
+    let subscriber = tokio::spawn(subscribe(config.clone(), tx, applied_rx, shared.clone(), shutdown.clone()));
 
     let mut restarts = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut reap_every = tokio::time::interval(Duration::from_millis(500));
+    let mut drift_every = tokio::time::interval(DRIFT_EVERY);
+    drift_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             changed = rx.changed() => {
                 if changed.is_err() { break Ok(()) }
+                let arrived = Instant::now();
+                // Changes that come close together are applied as one.
+                if !config.coalesce.is_zero() {
+                    let cap = arrived + Duration::from_secs(1);
+                    loop {
+                        let quiet = tokio::time::sleep(config.coalesce);
+                        tokio::select! {
+                            _ = quiet => break,
+                            more = rx.changed() => if more.is_err() || Instant::now() >= cap { break },
+                        }
+                    }
+                }
                 let Some(next) = rx.borrow_and_update().clone() else { continue };
-                if let Err(e) = applier.apply(&next).await {
-                    tracing::error!(index = next.index, error = format!("{e:#}"), "snapshot not applied; the running config stays");
+                match applier.apply(&next).await {
+                    Ok(()) => {
+                        applier.shared.metrics.observe_apply(arrived.elapsed());
+                        applier.correct_drift().await;
+                    }
+                    Err(e) => {
+                        applier.shared.metrics.failed_applies.fetch_add(1, Ordering::Relaxed);
+                        let e = format!("{e:#}");
+                        tracing::error!(index = next.index, error = %e, "snapshot not applied; the running config stays");
+                        applier.shared.status.lock().unwrap().last_error = Some(e);
+                    }
                 }
             }
+            _ = reap_every.tick() => applier.reap().await,
+            _ = drift_every.tick() => applier.correct_drift().await,
             status = applier.haproxy.exited() => {
+                applier.shared.status.lock().unwrap().haproxy_running = false;
                 let delay = restarts.next_delay();
                 tracing::error!(%status, restart_in = ?delay, "haproxy exited unexpectedly");
                 tokio::select! {
@@ -193,7 +436,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 }
                 let applied = applier.applied.clone();
                 match start_haproxy(&mut applier, &applied).await {
-                    Ok(()) => restarts.reset(),
+                    Ok(()) => {
+                        restarts.reset();
+                        applier.shared.status.lock().unwrap().haproxy_running = true;
+                    }
                     Err(e) => tracing::error!(error = format!("{e:#}"), "could not restart haproxy"),
                 }
             }
@@ -201,6 +447,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     subscriber.abort();
     applier.haproxy.stop().await;
+    if let Some(server) = admin_server {
+        server.await.ok();
+    }
     result
 }
 
@@ -221,15 +470,18 @@ async fn start_haproxy(applier: &mut Applier, snapshot: &Snapshot) -> anyhow::Re
     applier.haproxy.start().await?;
     applier.running = config;
     applier.applied = applied;
+    applier.draining.clear();
     Ok(())
 }
 
-/// Follows the directories' snapshots, failing over in order, and reports
-/// the applied index with every query.
+/// Follows the directories' snapshots, failing over in order. Every query
+/// reports the applied index; when it changes, the query is restarted so
+/// the directory learns at once (for `dw apply`).
 async fn subscribe(
     config: Config,
     tx: watch::Sender<Option<Snapshot>>,
-    applied: Arc<AtomicU64>,
+    mut applied: watch::Receiver<u64>,
+    shared: Arc<admin::Shared>,
     shutdown: CancellationToken,
 ) {
     let clients: Vec<DirectoryClient> =
@@ -239,10 +491,15 @@ async fn subscribe(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         let client = &clients[current];
-        let me = (config.name.as_str(), applied.load(Ordering::SeqCst));
+        shared.status.lock().unwrap().directory = Some(client.addr.to_string());
+        let me = (config.name.as_str(), *applied.borrow_and_update());
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = client.snapshot(index, POLL_WAIT, Some(me)) => r,
+            changed = applied.changed() => {
+                if changed.is_err() { return }
+                continue;
+            }
         };
         match result {
             Ok(snapshot) => {
@@ -253,11 +510,6 @@ async fn subscribe(
                 index = snapshot.index;
                 tracing::debug!(index, directory = %client.addr, "snapshot received");
                 tx.send_replace(Some(snapshot));
-                // Let the applier finish, so the next query reports it.
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-                while applied.load(Ordering::SeqCst) != index && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
             }
             Err(e) => {
                 let delay = backoff.next_delay();

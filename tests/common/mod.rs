@@ -177,8 +177,19 @@ impl Instance {
             seen: Arc::new(Mutex::new(Vec::new())),
         };
         let app = axum::Router::new().fallback(answer).with_state(state.clone());
+        // The connections live in a JoinSet owned by this task, so aborting
+        // it closes every open connection too: a real kill, not a drain.
         let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.ok();
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                connections.spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
         });
         Instance { name: name.into(), port, healthy: state.healthy, seen: state.seen, task: Some(task) }
     }
@@ -261,9 +272,9 @@ impl Cluster {
         let directory = self.directory_url();
         let run = run_dir.to_str().unwrap().to_string();
         let name = format!("test-{port}");
-        let mut args = vec!["-d", &directory, "--listen", &listen, "--run-dir", &run, "--name", &name];
+        let mut args =
+            vec!["-d", &directory, "--listen", &listen, "--run-dir", &run, "--name", &name, "--admin", &admin];
         args.extend_from_slice(extra);
-        let _ = admin;
         let proc = Proc::start(self.dir.path(), "sherlock", &args);
         // Ready when HAProxy answers on the port (404 for no service).
         let url = format!("http://127.0.0.1:{port}/");

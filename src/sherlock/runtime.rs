@@ -1,0 +1,280 @@
+//! Changes without a reload: HAProxy's Runtime API for servers.
+//!
+//! The plan is read from the rendered configs themselves (the running one
+//! and the candidate), not from the snapshot, so it holds for any template:
+//! when everything but `server` lines is equal, the difference is a list of
+//! server additions, weight changes and removals that the Runtime API can
+//! make. Anything else (a new service, a template change, an address that
+//! needs DNS) is a reload.
+
+use std::collections::BTreeMap;
+
+/// One `server` line: where it points and its weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLine {
+    pub addr: String,
+    pub weight: u32,
+}
+
+/// backend -> server -> line.
+pub type ServerTable = BTreeMap<String, BTreeMap<String, ServerLine>>;
+
+/// The `server` lines of a config, by backend.
+pub fn servers_of(config: &str) -> ServerTable {
+    let mut table = ServerTable::new();
+    let mut backend: Option<String> = None;
+    for line in config.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["backend", name, ..] => {
+                backend = Some(name.to_string());
+                table.entry(name.to_string()).or_default();
+            }
+            ["frontend" | "defaults" | "global" | "listen" | "peers" | "resolvers" | "userlist", ..] => backend = None,
+            ["server", name, addr, rest @ ..] if !line.starts_with(char::is_alphanumeric) => {
+                if let Some(b) = &backend {
+                    let weight = rest
+                        .iter()
+                        .position(|w| *w == "weight")
+                        .and_then(|i| rest.get(i + 1))
+                        .and_then(|w| w.parse().ok())
+                        .unwrap_or(1);
+                    table
+                        .get_mut(b)
+                        .expect("inserted above")
+                        .insert(name.to_string(), ServerLine { addr: addr.to_string(), weight });
+                }
+            }
+            _ => {}
+        }
+    }
+    table
+}
+
+/// The config without its header comment and `server` lines.
+fn skeleton(config: &str) -> Vec<&str> {
+    config
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .filter(|l| !l.trim_start().starts_with("server ") || l.starts_with(char::is_alphanumeric))
+        .collect()
+}
+
+/// One Runtime API change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// A new server; it starts in maintenance, so it is enabled after.
+    Add { backend: String, server: String, addr: String, weight: u32 },
+    /// A server that stays, with a new weight.
+    Weight { backend: String, server: String, weight: u32 },
+    /// A server that leaves: no new traffic; deleted once its connections end.
+    Drain { backend: String, server: String },
+    /// A draining server that is wanted again.
+    Undrain { backend: String, server: String, weight: u32 },
+}
+
+impl Op {
+    /// The Runtime API commands, in order.
+    pub fn commands(&self) -> Vec<String> {
+        match self {
+            Op::Add { backend, server, addr, weight } => vec![
+                format!("add server {backend}/{server} {addr} weight {weight}"),
+                format!("enable server {backend}/{server}"),
+            ],
+            Op::Weight { backend, server, weight } => vec![format!("set server {backend}/{server} weight {weight}")],
+            Op::Drain { backend, server } => vec![format!("set server {backend}/{server} state drain")],
+            Op::Undrain { backend, server, weight } => vec![
+                format!("set server {backend}/{server} state ready"),
+                format!("set server {backend}/{server} weight {weight}"),
+            ],
+        }
+    }
+}
+
+/// HAProxy 2.6 does not resolve names for servers added at run time.
+fn is_ip_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(ip, port)| ip.parse::<std::net::Ipv4Addr>().is_ok() && port.parse::<u16>().is_ok())
+}
+
+/// The Runtime API changes that turn `running` into `candidate`, or None
+/// when they differ in more than servers and a reload is needed.
+///
+/// `draining` are servers HAProxy still has that `running` no longer lists.
+pub fn plan(running: &str, candidate: &str, draining: &BTreeMap<(String, String), ServerLine>) -> Option<Vec<Op>> {
+    if skeleton(running) != skeleton(candidate) {
+        return None;
+    }
+    let (old, new) = (servers_of(running), servers_of(candidate));
+    let mut ops = Vec::new();
+    for (backend, servers) in &new {
+        let before = old.get(backend)?;
+        for (server, line) in servers {
+            match before.get(server) {
+                Some(prev) if prev.addr != line.addr => return None,
+                Some(prev) if prev.weight != line.weight => {
+                    ops.push(Op::Weight { backend: backend.clone(), server: server.clone(), weight: line.weight })
+                }
+                Some(_) => {}
+                None => match draining.get(&(backend.clone(), server.clone())) {
+                    Some(d) if d.addr == line.addr => {
+                        ops.push(Op::Undrain { backend: backend.clone(), server: server.clone(), weight: line.weight })
+                    }
+                    Some(_) => return None,
+                    None if is_ip_port(&line.addr) => ops.push(Op::Add {
+                        backend: backend.clone(),
+                        server: server.clone(),
+                        addr: line.addr.clone(),
+                        weight: line.weight,
+                    }),
+                    None => return None,
+                },
+            }
+        }
+        for server in before.keys().filter(|s| !servers.contains_key(*s)) {
+            ops.push(Op::Drain { backend: backend.clone(), server: server.clone() });
+        }
+    }
+    Some(ops)
+}
+
+/// One server as `show servers state` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerState {
+    pub weight: u32,
+    /// srv_admin_state: bit 0x01 forced maintenance, 0x08 forced drain.
+    pub admin: u32,
+}
+
+/// Parses `show servers state` (format version 1).
+pub fn parse_servers_state(text: &str) -> BTreeMap<(String, String), ServerState> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight ...
+        if f.len() < 8 {
+            continue;
+        }
+        if let (Ok(admin), Ok(weight)) = (f[6].parse(), f[7].parse()) {
+            out.insert((f[1].to_string(), f[3].to_string()), ServerState { weight, admin });
+        }
+    }
+    out
+}
+
+/// Forced maintenance and forced drain, as set by the Runtime API.
+pub const ADMIN_FORCED_MAINT: u32 = 0x01;
+pub const ADMIN_FORCED_DRAIN: u32 = 0x08;
+
+/// What differs between the servers sherlock wants and what HAProxy runs,
+/// as the commands that put it right. Draining servers are left alone.
+pub fn drift(
+    wanted: &ServerTable,
+    actual: &BTreeMap<(String, String), ServerState>,
+    draining: &BTreeMap<(String, String), ServerLine>,
+) -> Vec<String> {
+    let mut fixes = Vec::new();
+    for (backend, servers) in wanted {
+        for (server, line) in servers {
+            match actual.get(&(backend.clone(), server.clone())) {
+                // If it cannot be added back at run time, the caller reloads.
+                None => {
+                    fixes.push(format!("add server {backend}/{server} {} weight {}", line.addr, line.weight));
+                    fixes.push(format!("enable server {backend}/{server}"));
+                }
+                Some(state) => {
+                    if state.admin & (ADMIN_FORCED_MAINT | ADMIN_FORCED_DRAIN) != 0 {
+                        fixes.push(format!("set server {backend}/{server} state ready"));
+                    }
+                    if state.weight != line.weight {
+                        fixes.push(format!("set server {backend}/{server} weight {}", line.weight));
+                    }
+                }
+            }
+        }
+    }
+    for (backend, server) in actual.keys() {
+        let known = wanted.get(backend).is_some_and(|s| s.contains_key(server));
+        if !known && !draining.contains_key(&(backend.clone(), server.clone())) && wanted.contains_key(backend) {
+            fixes.push(format!("set server {backend}/{server} state drain"));
+        }
+    }
+    fixes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(servers: &[(&str, &str, u32)], extra_backend: bool) -> String {
+        let mut c = String::from("# header 1\nglobal\n    master-worker\nbackend svc_a\n    balance roundrobin\n");
+        for (name, addr, w) in servers {
+            c.push_str(&format!("    server {name} {addr} weight {w}\n"));
+        }
+        if extra_backend {
+            c.push_str("backend svc_b\n    balance roundrobin\n");
+        }
+        c
+    }
+
+    #[test]
+    fn server_changes_are_runtime_ops() {
+        let running = config(&[("s1", "127.0.0.1:1", 1), ("s2", "127.0.0.1:2", 1)], false);
+        let candidate = config(&[("s1", "127.0.0.1:1", 3), ("s3", "127.0.0.1:3", 1)], false);
+        let ops = plan(&running, &candidate, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            ops,
+            vec![
+                Op::Weight { backend: "svc_a".into(), server: "s1".into(), weight: 3 },
+                Op::Add { backend: "svc_a".into(), server: "s3".into(), addr: "127.0.0.1:3".into(), weight: 1 },
+                Op::Drain { backend: "svc_a".into(), server: "s2".into() },
+            ]
+        );
+        assert_eq!(ops[1].commands()[0], "add server svc_a/s3 127.0.0.1:3 weight 1");
+        assert_eq!(ops[1].commands()[1], "enable server svc_a/s3");
+    }
+
+    #[test]
+    fn structure_hostnames_and_moved_addresses_need_a_reload() {
+        let running = config(&[("s1", "127.0.0.1:1", 1)], false);
+        assert_eq!(plan(&running, &config(&[("s1", "127.0.0.1:1", 1)], true), &BTreeMap::new()), None);
+        assert_eq!(plan(&running, &config(&[("s1", "127.0.0.1:9", 1)], false), &BTreeMap::new()), None);
+        assert_eq!(
+            plan(&running, &config(&[("s1", "127.0.0.1:1", 1), ("s2", "vm102:80", 1)], false), &BTreeMap::new()),
+            None
+        );
+        // The header (snapshot index) alone is no difference.
+        let same = running.replace("# header 1", "# header 2");
+        assert_eq!(plan(&running, &same, &BTreeMap::new()), Some(vec![]));
+    }
+
+    #[test]
+    fn a_draining_server_that_returns_is_undrained() {
+        let running = config(&[("s1", "127.0.0.1:1", 1)], false);
+        let candidate = config(&[("s1", "127.0.0.1:1", 1), ("s2", "127.0.0.1:2", 5)], false);
+        let mut draining = BTreeMap::new();
+        draining.insert(("svc_a".to_string(), "s2".to_string()), ServerLine { addr: "127.0.0.1:2".into(), weight: 1 });
+        let ops = plan(&running, &candidate, &draining).unwrap();
+        assert_eq!(ops, vec![Op::Undrain { backend: "svc_a".into(), server: "s2".into(), weight: 5 }]);
+    }
+
+    #[test]
+    fn drift_is_found_and_fixed() {
+        let wanted = servers_of(&config(&[("s1", "127.0.0.1:1", 3), ("s2", "127.0.0.1:2", 1)], false));
+        let text = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight\n\
+                    3 svc_a 1 s1 127.0.0.1 2 0 1 1 0\n\
+                    3 svc_a 2 s2 127.0.0.1 2 1 1 1 0\n\
+                    3 svc_a 3 s9 127.0.0.1 2 0 1 1 0\n";
+        let actual = parse_servers_state(text);
+        assert_eq!(actual[&("svc_a".to_string(), "s2".to_string())], ServerState { weight: 1, admin: 1 });
+        let fixes = drift(&wanted, &actual, &BTreeMap::new());
+        assert_eq!(
+            fixes,
+            vec![
+                "set server svc_a/s1 weight 3".to_string(),
+                "set server svc_a/s2 state ready".to_string(),
+                "set server svc_a/s9 state drain".to_string(),
+            ]
+        );
+    }
+}

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The dstack walkthrough on one host, on loopback: a directory, three emitter
-# instances with their watsons, a transform that consumes emitter, and a
-# sherlock in front of it all. Ctrl-C stops every process it started.
+# The dstack walkthrough on one host, on loopback: a directory following a
+# routes repo (a fresh git repo made from examples/repo), three emitter
+# instances with their watsons, a transform that consumes emitter, a barker
+# service with a 90/10 canary (three v1 instances, one v2), and a sherlock in
+# front of it all. Ctrl-C stops every process it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,8 +15,10 @@ SHERLOCK_PORT=${SHERLOCK_PORT:-8000}
 ADMIN_PORT=${ADMIN_PORT:-8001}
 EMITTER_PORTS=(9001 9002 9003)
 TRANSFORM_PORT=9100
+BARKER_PORTS=(9201 9202 9203 9204)
+BARKER_VERSIONS=(v1 v1 v1 v2)
 
-for port in "$DIRECTORY_PORT" "$SHERLOCK_PORT" "${EMITTER_PORTS[@]}" "$TRANSFORM_PORT"; do
+for port in "$DIRECTORY_PORT" "$SHERLOCK_PORT" "${EMITTER_PORTS[@]}" "$TRANSFORM_PORT" "${BARKER_PORTS[@]}"; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is in use; stop what holds it (another demo?) and retry" >&2
     exit 1
@@ -40,8 +44,24 @@ start() { # name, command...
   pids+=($!)
 }
 
+# examples/repo is a folder of this repo; the directory needs a git repo of
+# its own: a bare "remote" it pulls, and a clone for dw to commit in.
+git init -q --bare -b main "$state/routes.git"
+git init -q -b main "$state/routes"
+cp -R examples/repo/. "$state/routes/"
+(
+  cd "$state/routes"
+  git -c user.name=demo -c user.email=demo@dstack.invalid add -A
+  git -c user.name=demo -c user.email=demo@dstack.invalid commit -q -m "Routes from examples/repo: barker canary at 10%"
+  git remote add origin "$(cd ../routes.git && pwd)"
+  git push -q origin main
+  git config user.name "dstack demo"
+  git config user.email demo@dstack.invalid
+)
+
 directory="127.0.0.1:$DIRECTORY_PORT"
-start directory "$bin/directory" -n services -a "//127.0.0.1/directory" --listen "$directory" --state-dir "$state/directory"
+start directory "$bin/directory" -n services -a "//127.0.0.1/directory" --listen "$directory" \
+  --state-dir "$state/directory" --repo "$(cd "$state/routes.git" && pwd)" --poll 5s
 sleep 0.3
 
 i=1
@@ -51,6 +71,13 @@ for port in "${EMITTER_PORTS[@]}"; do
   i=$((i + 1))
 done
 
+for n in 0 1 2 3; do
+  port=${BARKER_PORTS[$n]}
+  version=${BARKER_VERSIONS[$n]}
+  start "barker-$n" "$ex/emitter" --listen "127.0.0.1:$port" --name "barker-$version-$n"
+  start "watson-barker-$n" "$bin/watson" -d "$directory" //services/barker "http://127.0.0.1:$port/barker" 1 --version "$version"
+done
+
 start sherlock "$bin/sherlock" -d "$directory" --listen "127.0.0.1:$SHERLOCK_PORT" --run-dir "$state/sherlock"
 start transform "$ex/transform" --listen "127.0.0.1:$TRANSFORM_PORT" --upstream "http://127.0.0.1:$SHERLOCK_PORT/emitter"
 start watson-transform "$bin/watson" -d "$directory" //services/transform "http://127.0.0.1:$TRANSFORM_PORT/transform" 1
@@ -58,7 +85,8 @@ start watson-transform "$bin/watson" -d "$directory" //services/transform "http:
 # Wait until sherlock routes to all three emitters and the transform.
 for _ in $(seq 1 100); do
   if curl -fs "http://127.0.0.1:$SHERLOCK_PORT/transform/" >/dev/null 2>&1 &&
-     [ "$("$bin/dw" -d "$directory" route list | grep -c '^emitter')" -eq 3 ]; then
+     [ "$("$bin/dw" -d "$directory" route list | grep -c '^emitter')" -eq 3 ] &&
+     [ "$("$bin/dw" -d "$directory" route list | grep -c '^barker.*yes')" -eq 4 ]; then
     break
   fi
   sleep 0.1
@@ -81,6 +109,16 @@ Try, in another terminal:
   $bin/dw -d $directory route list
   curl -X POST http://127.0.0.1:${EMITTER_PORTS[1]}/health/down   # vm102 fails its check: out in ~2 s
   curl -X POST http://127.0.0.1:${EMITTER_PORTS[1]}/health/up     # and back
+
+The barker canary (routes in git: $state/routes/routes/barker.yaml, v1 90 / v2 10):
+  for i in \$(seq 100); do curl -s http://localhost:$SHERLOCK_PORT/barker/; done | cut -d' ' -f2 | cut -d- -f2 | sort | uniq -c
+Move it with dw, from the routes clone (PATH=\$PWD/$bin:\$PATH):
+  cd $state/routes
+  dw route set barker v1=50 v2=50     # edits routes/barker.yaml, comments kept
+  dw plan                             # routes, traffic now -> after, haproxy.cfg diff
+  dw apply                            # commit, push, wait for every sherlock
+  dw rollback                         # git revert of that commit, pushed and applied
+  dw status
 
 Logs: $state/logs/. Ctrl-C stops everything.
 TXT

@@ -38,9 +38,10 @@ struct Args {
     /// The name this sherlock reports to the directory [default: HOST-PORT].
     #[arg(long)]
     name: Option<String>,
-    /// Where /metrics and /status are served; `off` turns them off.
-    #[arg(long, default_value = "127.0.0.1:8001")]
-    admin: String,
+    /// Where /metrics and /status are served; `off` turns them off
+    /// [default: 127.0.0.1:8001].
+    #[arg(long)]
+    admin: Option<String>,
     /// How changes reach HAProxy: `runtime` (servers through the Runtime API,
     /// a seamless reload only for new services or a new template) or
     /// `reload` (a seamless reload for every change).
@@ -101,14 +102,14 @@ fn settings(args: Args) -> Result<Config, String> {
     if run_dir.join("master.sock").as_os_str().len() > 100 {
         return Err(format!("--run-dir {}: too long for a unix socket path; use a shorter one", run_dir.display()));
     }
-    let admin = match args.admin.as_str() {
-        "off" | "none" => None,
-        raw => Some(
+    let admin = match args.admin.as_deref() {
+        Some("off" | "none") => None,
+        Some(raw) => Some(
             raw.parse::<SocketAddr>()
                 .map_err(|_| format!("--admin {raw:?}: expected host:port such as 127.0.0.1:8001, or off"))?,
         ),
+        None => Some(file.as_ref().and_then(|f| f.admin).unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8001)))),
     };
-    let admin = if args.admin == "127.0.0.1:8001" { file.as_ref().and_then(|f| f.admin).or(admin) } else { admin };
     if args.coalesce > std::time::Duration::from_secs(1) {
         return Err("--coalesce: at most 1s".into());
     }

@@ -221,7 +221,9 @@ async fn get_snapshot(
 }
 
 fn status(directory: &Directory) -> Status {
-    let snapshot = directory.snapshot();
+    // One read under the lock: the snapshot, its routes and the repo state
+    // always describe the same commit (dw plan compares against them).
+    let (snapshot, desired, routes) = directory.in_force();
     Status {
         name: directory.config.name.clone(),
         address: directory.config.address.clone(),
@@ -232,8 +234,8 @@ fn status(directory: &Directory) -> Status {
         warnings: snapshot.warnings.clone(),
         instances: directory.instances(),
         sherlocks: directory.sherlocks(),
-        routes: directory.config.repo.as_ref().map(|_| directory.routes_status()),
-        desired: directory.routes(),
+        routes: directory.config.repo.as_ref().map(|_| routes),
+        desired,
     }
 }
 

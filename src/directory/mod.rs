@@ -21,6 +21,9 @@ use crate::routes::RouteSet;
 use reconcile::{Rejected, RepoConfig, RoutesStatus, Trigger};
 use registry::{Change, Registry};
 
+/// How long a silent sherlock stays listed in `/v1/status`.
+const SHERLOCK_FORGET: Duration = Duration::from_secs(600);
+
 /// Validated settings of one directory.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -155,9 +158,11 @@ impl Directory {
         self.inner.lock().unwrap().routes_status.error = Some(error);
     }
 
-    /// The routes in force.
-    pub fn routes(&self) -> RouteSet {
-        self.inner.lock().unwrap().routes.clone()
+    /// The snapshot, the routes it was built from and the repo state, read
+    /// together: publishing happens under the same lock, so they agree.
+    pub fn in_force(&self) -> (Arc<Snapshot>, RouteSet, RoutesStatus) {
+        let inner = self.inner.lock().unwrap();
+        (self.snapshot(), inner.routes.clone(), inner.routes_status.clone())
     }
 
     pub fn routes_status(&self) -> RoutesStatus {
@@ -205,6 +210,8 @@ impl Directory {
             tracing::warn!(instance = %id, service = %entry.heartbeat.service, "expired: no heartbeat within its ttl");
         }
         self.metrics.expiries.fetch_add(expired.len() as u64, Ordering::Relaxed);
+        // A sherlock that has not asked for ten minutes is gone, not lagging.
+        inner.sherlocks.retain(|_, s| s.last_seen.elapsed() < SHERLOCK_FORGET);
         let warming_ended = self.snapshots.borrow().warming && !self.warming();
         if !expired.is_empty() || warming_ended {
             self.publish(&inner);

@@ -70,7 +70,8 @@ fn rows(status: &Status, snapshot: &Snapshot) -> Vec<Row> {
             }
         }
     }
-    rows.sort_by(|a, b| (&a.service, &a.version).cmp(&(&b.service, &b.version)));
+    let key = |r: &Row| (r.service.clone(), r.version.clone(), r.instance.as_ref().map(|i| i.url.to_string()));
+    rows.sort_by_key(key);
     rows
 }
 

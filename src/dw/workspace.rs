@@ -134,6 +134,23 @@ impl Workspace {
     /// Commits every change under the routes dir (additions, edits, deletions).
     pub fn commit_routes(&self, message: &str) -> Result<Oid, Failure> {
         let mut index = self.repo.index().map_err(git("opening the index"))?;
+        // The apply commit holds route changes only: refuse to sweep in
+        // whatever else the operator had staged.
+        let head_tree = self.repo.head().and_then(|h| h.peel_to_tree()).map_err(git("reading HEAD"))?;
+        let staged =
+            self.repo.diff_tree_to_index(Some(&head_tree), Some(&index), None).map_err(git("reading the index"))?;
+        let prefix = format!("{}/", self.routes_dir);
+        let others: Vec<String> = staged
+            .deltas()
+            .filter_map(|d| d.new_file().path().or(d.old_file().path()).map(|p| p.to_string_lossy().into_owned()))
+            .filter(|p| !p.starts_with(&prefix))
+            .collect();
+        if !others.is_empty() {
+            return Err(Failure::error(format!(
+                "changes outside {prefix} are staged ({}); commit or unstage them first, so the apply commit holds routes only",
+                others.join(", ")
+            )));
+        }
         let spec = [format!("{}/*", self.routes_dir)];
         index.add_all(spec.iter(), git2::IndexAddOption::DEFAULT, None).map_err(git("staging the routes"))?;
         index.update_all(spec.iter(), None).map_err(git("staging removed routes"))?;
@@ -171,14 +188,18 @@ impl Workspace {
     pub fn revert(&self, commit: Oid) -> Result<Oid, Failure> {
         let target =
             self.repo.find_commit(commit).map_err(|_| Failure::usage(format!("no commit {commit} in this clone")))?;
-        if target.parent_count() != 1 {
+        if target.parent_count() == 0 {
             return Err(Failure::usage(format!(
-                "{} is a merge or a root commit; revert it by hand",
+                "{} is the root commit: there is nothing before it to go back to",
                 short(&commit.to_string())
             )));
         }
+        // A merged pull request is reverted against its first parent, the
+        // branch the directory follows (`git revert -m 1`), as the routes
+        // history walk sees it.
+        let mainline = if target.parent_count() > 1 { 1 } else { 0 };
         let head = self.repo.head().and_then(|h| h.peel_to_commit()).map_err(git("reading HEAD"))?;
-        let mut index = self.repo.revert_commit(&target, &head, 0, None).map_err(git("reverting"))?;
+        let mut index = self.repo.revert_commit(&target, &head, mainline, None).map_err(git("reverting"))?;
         if index.has_conflicts() {
             return Err(Failure::error(format!(
                 "reverting {} conflicts with later commits; revert it by hand (git revert {commit})",
@@ -187,18 +208,26 @@ impl Workspace {
         }
         let tree_id = index.write_tree_to(&self.repo).map_err(git("writing the reverted tree"))?;
         let tree = self.repo.find_tree(tree_id).map_err(git("reading the reverted tree"))?;
+        // Bring the working tree to the reverted tree before HEAD moves, and
+        // safely (as `git revert` does): only the files the revert changes are
+        // written, and one of them with uncommitted edits stops it. A forced
+        // checkout would throw away the operator's work outside the routes.
+        self.repo.checkout_tree(tree.as_object(), Some(git2::build::CheckoutBuilder::new().safe())).map_err(|e| {
+            Failure::error(format!(
+                "reverting {} would overwrite uncommitted changes ({}); commit or stash them first",
+                short(&commit.to_string()),
+                e.message()
+            ))
+        })?;
         let summary = target.summary().ok().flatten().unwrap_or("").to_string();
-        let message = format!("Revert \"{summary}\"\n\nThis reverts commit {commit}.\n");
+        let message = if mainline == 1 {
+            let first = target.parent_id(0).map_err(git("reading the merge's first parent"))?;
+            format!("Revert \"{summary}\"\n\nThis reverts commit {commit}, reversing\nchanges made to {first}.\n")
+        } else {
+            format!("Revert \"{summary}\"\n\nThis reverts commit {commit}.\n")
+        };
         let sig = self.signature()?;
-        let oid = self
-            .repo
-            .commit(Some("HEAD"), &sig, &sig, &message, &tree, &[&head])
-            .map_err(git("committing the revert"))?;
-        // Bring the working tree to the new HEAD.
-        self.repo
-            .checkout_head(Some(git2::build::CheckoutBuilder::new().force()))
-            .map_err(git("checking out the revert"))?;
-        Ok(oid)
+        self.repo.commit(Some("HEAD"), &sig, &sig, &message, &tree, &[&head]).map_err(git("committing the revert"))
     }
 
     pub fn push(&self) -> Result<(), Failure> {

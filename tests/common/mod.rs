@@ -223,6 +223,10 @@ pub struct Cluster {
     pub sherlock_port: u16,
     pub sherlock: Option<Proc>,
     pub http: reqwest::Client,
+    /// The directory's arguments, to restart it as it was.
+    directory_args: Vec<String>,
+    /// Each sherlock's admin port, by its listen port.
+    admin_ports: Mutex<HashMap<u16, u16>>,
 }
 
 impl Cluster {
@@ -238,11 +242,21 @@ impl Cluster {
         let mut args = vec!["--listen", &listen, "--max-ttl", "3s"];
         args.extend_from_slice(directory_args);
         let directory = Proc::start(dir.path(), "directory", &args);
+        let directory_args = args.iter().map(|a| a.to_string()).collect();
         // A new connection per request, as curl makes: after a reload, a
         // pooled connection may still reach the old worker for one request.
         let http =
             reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(0).build().unwrap();
-        let mut cluster = Cluster { dir, directory_port, directory, sherlock_port: 0, sherlock: None, http };
+        let mut cluster = Cluster {
+            dir,
+            directory_port,
+            directory,
+            sherlock_port: 0,
+            sherlock: None,
+            http,
+            directory_args,
+            admin_ports: Mutex::new(HashMap::new()),
+        };
         cluster.wait_for_directory().await;
         let (port, sherlock) = cluster.start_sherlock(&[]).await;
         cluster.sherlock_port = port;
@@ -263,12 +277,32 @@ impl Cluster {
         .await;
     }
 
+    /// Restarts the directory with the same arguments (and so the same port).
+    pub async fn restart_directory(&mut self) {
+        self.directory.stop();
+        let args: Vec<&str> = self.directory_args.iter().map(String::as_str).collect();
+        self.directory = Proc::start(self.dir.path(), "directory", &args);
+        self.wait_for_directory().await;
+    }
+
+    /// The admin (`/metrics`, `/status`) port of the sherlock listening on `port`.
+    pub fn admin_port(&self, port: u16) -> u16 {
+        self.admin_ports.lock().unwrap()[&port]
+    }
+
     /// Starts another sherlock on a free port with its own run dir.
     pub async fn start_sherlock(&self, extra: &[&str]) -> (u16, Proc) {
-        let port = free_port();
+        self.start_sherlock_at(free_port(), extra).await
+    }
+
+    /// Starts a sherlock on `port`, with the run dir that port always gets
+    /// (so a restarted sherlock finds its saved snapshot).
+    pub async fn start_sherlock_at(&self, port: u16, extra: &[&str]) -> (u16, Proc) {
         let run_dir = self.dir.path().join(format!("sherlock-{port}"));
         let listen = format!("127.0.0.1:{port}");
-        let admin = format!("127.0.0.1:{}", free_port());
+        let admin_port = free_port();
+        self.admin_ports.lock().unwrap().insert(port, admin_port);
+        let admin = format!("127.0.0.1:{admin_port}");
         let directory = self.directory_url();
         let run = run_dir.to_str().unwrap().to_string();
         let name = format!("test-{port}");

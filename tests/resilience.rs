@@ -126,3 +126,37 @@ async fn runtime_drift_is_corrected_and_counted() {
     assert_eq!(status["haproxy_running"], true, "{status}");
     assert_eq!(status["services"], 1, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sherlock_fails_over_to_the_next_directory() {
+    // Two directories; every watson heartbeats to both; sherlock follows both.
+    let mut cluster = Cluster::start().await;
+    let second_port = free_port();
+    let listen = format!("127.0.0.1:{second_port}");
+    let _second = Proc::start(cluster.dir.path(), "directory", &["--listen", &listen, "--max-ttl", "3s"]);
+    let first = cluster.directory_url();
+    let second = format!("http://127.0.0.1:{second_port}");
+    let port = free_port();
+    let (port, _sherlock) = cluster.start_sherlock_at(port, &["-d", &second]).await;
+    let watson = |instance: &Instance| {
+        Proc::start(
+            cluster.dir.path(),
+            "watson",
+            &["-d", &first, "-d", &second, "emitter", &instance.url("/emitter"), "1"],
+        )
+    };
+    let a = Instance::start("vm101").await;
+    let _wa = watson(&a);
+    cluster.wait_for_instances("emitter", 1).await;
+
+    cluster.directory.kill();
+    let b = Instance::start("vm102").await;
+    let _wb = watson(&b);
+    let http = cluster.http.clone();
+    eventually(Duration::from_secs(20), "vm102 through the second directory", async || {
+        let (_, body) = get_via(&http, port, "/emitter/").await.ok()?;
+        let (_, body2) = get_via(&http, port, "/emitter/").await.ok()?;
+        (body.starts_with("vm102") || body2.starts_with("vm102")).then_some(())
+    })
+    .await;
+}

@@ -6,7 +6,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use common::*;
 
@@ -48,7 +47,7 @@ impl Setup {
         if !versions.is_empty() {
             cluster.wait_for_instances("barker", versions.len()).await;
         }
-        wait_for_commit(&cluster, initial).await;
+        cluster.wait_for_commit(initial).await;
         Setup { repo, initial, cluster, instances, _watsons: watsons, _tmp: tmp }
     }
 
@@ -85,23 +84,8 @@ impl Setup {
     }
 
     async fn reconcile(&self) -> serde_json::Value {
-        let url = format!("{}/v1/reconcile", self.cluster.directory_url());
-        let resp = self.cluster.http.post(url).send().await.unwrap();
-        assert_eq!(resp.status(), 200);
-        resp.json().await.unwrap()
+        self.cluster.reconcile().await
     }
-}
-
-/// Waits until the directory serves `commit` and every sherlock applied it.
-async fn wait_for_commit(cluster: &Cluster, commit: git2::Oid) {
-    let want = commit.to_string();
-    eventually(Duration::from_secs(15), &format!("commit {want} applied"), async || {
-        let status = cluster.status().await;
-        let index = status["index"].as_u64()?;
-        let converged = status["sherlocks"].as_array()?.iter().all(|s| s["applied"].as_u64() == Some(index));
-        (status["commit"] == want.as_str() && converged).then_some(())
-    })
-    .await;
 }
 
 fn short(oid: git2::Oid) -> String {
@@ -239,7 +223,7 @@ async fn a_saved_plan_is_applied_while_fresh_and_refused_once_stale() {
     let elsewhere = git2::Repository::clone(&s.repo.url(), s.repo.work.parent().unwrap().join("other")).unwrap();
     let other = commit_in(&elsewhere, "routes/emitter.yaml", "emitter: {v1: 100}\n", "emitter: tidy");
     s.reconcile().await;
-    wait_for_commit(&s.cluster, other).await;
+    s.cluster.wait_for_commit(other).await;
     let run = s.dw(&["apply", plan_arg]);
     expect(1, &run);
     assert!(run.2.contains("stale") && run.2.contains(&short(other)), "{}", run.2);
@@ -486,7 +470,7 @@ async fn apply_times_out_naming_the_sherlock_that_lags() {
     assert!(run.2.contains("timed out") && run.2.contains(&name), "names who lags: {}", run.2);
     // The commit is pushed and served; the sherlock catches up once it runs.
     assert_eq!(s.remote_head(), s.local_head());
-    wait_for_commit(&s.cluster, s.local_head()).await;
+    s.cluster.wait_for_commit(s.local_head()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,7 +492,7 @@ async fn rollback_reverts_a_merged_pull_request_against_its_first_parent() {
         .unwrap();
     s.repo.push();
     s.reconcile().await;
-    wait_for_commit(&s.cluster, merge).await;
+    s.cluster.wait_for_commit(merge).await;
 
     let run = s.dw(&["rollback"]);
     expect(0, &run);

@@ -21,24 +21,6 @@ async fn barker_fleet(cluster: &Cluster, versions: &[&str]) -> (Vec<Instance>, V
     (instances, watsons)
 }
 
-async fn reconcile(cluster: &Cluster) -> serde_json::Value {
-    let resp = cluster.http.post(format!("{}/v1/reconcile", cluster.directory_url())).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    resp.json().await.unwrap()
-}
-
-/// Waits until the directory serves `commit` and every sherlock applied it.
-async fn wait_for_commit(cluster: &Cluster, commit: git2::Oid) {
-    let want = commit.to_string();
-    eventually(Duration::from_secs(15), &format!("commit {want} applied"), async || {
-        let status = cluster.status().await;
-        let index = status["index"].as_u64()?;
-        let converged = status["sherlocks"].as_array()?.iter().all(|s| s["applied"].as_u64() == Some(index));
-        (status["commit"] == want.as_str() && converged).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_splits_90_10_a_bad_commit_is_kept_out_and_a_revert_ends_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -48,14 +30,14 @@ async fn a_canary_splits_90_10_a_bad_commit_is_kept_out_and_a_revert_ends_it() {
     let cluster = Cluster::start_with(&["--repo", &url, "--poll", "1h"]).await;
     let (_instances, _watsons) = barker_fleet(&cluster, &["v1", "v1", "v1", "v2", "v3"]).await;
     cluster.wait_for_instances("barker", 5).await;
-    wait_for_commit(&cluster, initial).await;
+    cluster.wait_for_commit(initial).await;
     let (counts, errors) = cluster.tally("/barker/", 30).await;
     assert_eq!((by_version(&counts).get("v1"), errors), (Some(&30), 0), "{counts:?}");
 
     let canary = repo.commit(&[("routes/barker.yaml", CANARY)], "barker: canary v2 at 10%");
-    let answer = reconcile(&cluster).await;
+    let answer = cluster.reconcile().await;
     assert_eq!(answer["commit"], canary.to_string(), "{answer}");
-    wait_for_commit(&cluster, canary).await;
+    cluster.wait_for_commit(canary).await;
     let (counts, errors) = cluster.tally("/barker/", 1000).await;
     let versions = by_version(&counts);
     assert_eq!(errors, 0);
@@ -65,7 +47,7 @@ async fn a_canary_splits_90_10_a_bad_commit_is_kept_out_and_a_revert_ends_it() {
 
     // A commit whose weights sum to 120 is rejected whole; traffic stays.
     let bad = repo.commit(&[("routes/barker.yaml", "barker:\n  v1: 90\n  v2: 30\n")], "oops");
-    let answer = reconcile(&cluster).await;
+    let answer = cluster.reconcile().await;
     assert_eq!(answer["commit"], canary.to_string(), "the last good commit stays: {answer}");
     assert_eq!(answer["rejected"]["commit"], bad.to_string());
     let errors = answer["rejected"]["errors"].as_array().unwrap();
@@ -80,15 +62,15 @@ async fn a_canary_splits_90_10_a_bad_commit_is_kept_out_and_a_revert_ends_it() {
 
     // Reverting the bad commit is accepted and clears the rejection.
     let fixed = repo.revert(bad);
-    reconcile(&cluster).await;
-    wait_for_commit(&cluster, fixed).await;
+    cluster.reconcile().await;
+    cluster.wait_for_commit(fixed).await;
     assert!(cluster.status().await["routes"]["rejected"].is_null());
 
     // Killing the canary: revert its commit; v2 loses all its traffic.
     let revert = repo.revert(canary);
-    let answer = reconcile(&cluster).await;
+    let answer = cluster.reconcile().await;
     assert_eq!(answer["commit"], revert.to_string());
-    wait_for_commit(&cluster, revert).await;
+    cluster.wait_for_commit(revert).await;
     let (counts, errors) = cluster.tally("/barker/", 200).await;
     assert_eq!((by_version(&counts).get("v1"), errors), (Some(&200), 0), "{counts:?}");
 }
@@ -101,17 +83,17 @@ async fn a_pushed_commit_is_picked_up_by_polling_and_at_once_by_the_webhook() {
     // A file:// URL is a remote like any other: no file watch, only polls and webhooks.
     let url = format!("file://{}", repo.url());
     let cluster = Cluster::start_with(&["--repo", &url, "--poll", "500ms"]).await;
-    wait_for_commit(&cluster, first).await;
+    cluster.wait_for_commit(first).await;
     let second = repo.commit(&[("routes/barker.yaml", CANARY)], "second");
     // No webhook: the poll alone finds it.
-    wait_for_commit(&cluster, second).await;
+    cluster.wait_for_commit(second).await;
 
     let webhook_only = Cluster::start_with(&["--repo", &url, "--poll", "1h"]).await;
-    wait_for_commit(&webhook_only, second).await;
+    webhook_only.wait_for_commit(second).await;
     let third = repo.commit(&[("routes/barker.yaml", "barker: {v1: 50, v2: 50}\n")], "third");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(webhook_only.status().await["commit"], second.to_string(), "no poll within the hour");
-    let answer = reconcile(&webhook_only).await;
+    let answer = webhook_only.reconcile().await;
     assert_eq!(answer["commit"], third.to_string(), "the webhook answers with the commit now served");
     assert!(answer["fetched_at"].is_string());
 }
@@ -123,9 +105,9 @@ async fn a_local_path_repo_is_picked_up_by_its_file_watch() {
     let first = repo.commit_local(&[("routes/barker.yaml", "barker: {v1: 100}\n")], "first");
     let path = repo.work.to_str().unwrap().to_string();
     let cluster = Cluster::start_with(&["--repo", &path, "--poll", "1h"]).await;
-    wait_for_commit(&cluster, first).await;
+    cluster.wait_for_commit(first).await;
     let second = repo.commit_local(&[("routes/barker.yaml", CANARY)], "second");
-    wait_for_commit(&cluster, second).await;
+    cluster.wait_for_commit(second).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,7 +121,7 @@ async fn a_client_with_its_own_route_follows_it_while_others_follow_the_service(
     let (monolith_port, _monolith) = cluster.start_sherlock(&["--client", "monolith"]).await;
     let (_instances, _watsons) = barker_fleet(&cluster, &["v1", "v2"]).await;
     cluster.wait_for_instances("barker", 2).await;
-    wait_for_commit(&cluster, commit).await;
+    cluster.wait_for_commit(commit).await;
 
     let (counts, _) = cluster.tally("/barker/", 20).await;
     assert_eq!(by_version(&counts).get("v1"), Some(&20), "the default sherlock: {counts:?}");

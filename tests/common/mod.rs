@@ -345,6 +345,25 @@ impl Cluster {
         .await;
     }
 
+    /// `POST /v1/reconcile`, asserting a 200; the JSON answer.
+    pub async fn reconcile(&self) -> serde_json::Value {
+        let resp = self.http.post(format!("{}/v1/reconcile", self.directory_url())).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+
+    /// Waits until the directory serves `commit` and every sherlock applied it.
+    pub async fn wait_for_commit(&self, commit: git2::Oid) {
+        let want = commit.to_string();
+        eventually(Duration::from_secs(15), &format!("commit {want} applied"), async || {
+            let status = self.status().await;
+            let index = status["index"].as_u64()?;
+            let converged = status["sherlocks"].as_array()?.iter().all(|s| s["applied"].as_u64() == Some(index));
+            (status["commit"] == want.as_str() && converged).then_some(())
+        })
+        .await;
+    }
+
     /// Waits until the directory's warming period is over, so removals apply.
     pub async fn wait_until_warm(&self) {
         eventually(Duration::from_secs(10), "the directory to end warming", async || {

@@ -18,7 +18,7 @@ demo: deps build
 	@scripts/demo.sh
 
 test: deps
-	$(CARGO) test --all-targets
+	@scripts/test.sh
 
 lint:
 	$(CARGO) fmt --check
@@ -27,3 +27,7 @@ lint:
 clean:
 	$(CARGO) clean
 	rm -rf .demo
+
+bench:
+	$(CARGO) bench --bench reconcile
+	$(CARGO) bench --bench hitless

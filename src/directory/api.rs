@@ -313,7 +313,7 @@ async fn metrics(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
         "# HELP dstack_directory_snapshot_index Index of the snapshot served.\n# TYPE dstack_directory_snapshot_index gauge\ndstack_directory_snapshot_index {}\n\
          # HELP dstack_directory_instances Live instances.\n# TYPE dstack_directory_instances gauge\ndstack_directory_instances {}\n",
         snapshot.index,
-        directory.instances().len()
+        directory.instance_count()
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

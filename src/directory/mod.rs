@@ -272,6 +272,10 @@ impl Directory {
         list
     }
 
+    pub fn instance_count(&self) -> usize {
+        self.inner.lock().unwrap().registry.len()
+    }
+
     fn sherlocks(&self) -> Vec<api::SherlockStatus> {
         let inner = self.inner.lock().unwrap();
         let mut list: Vec<api::SherlockStatus> = inner

@@ -160,3 +160,39 @@ async fn sherlock_fails_over_to_the_next_directory() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_that_fails_haproxys_check_is_never_applied() {
+    let cluster = Cluster::start().await;
+    // A user template that breaks as soon as there is a service.
+    let builtin = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/templates/haproxy.cfg.j2")).unwrap();
+    let broken = builtin
+        .replace("frontend dstack\n", "frontend dstack\n{% if services %}    no-such-directive here\n{% endif %}");
+    assert_ne!(broken, builtin);
+    let template = cluster.dir.path().join("broken.cfg.j2");
+    std::fs::write(&template, broken).unwrap();
+    let (port, sherlock) = cluster.start_sherlock(&["--template", template.to_str().unwrap()]).await;
+    let admin = cluster.admin_port(port);
+
+    let a = Instance::start("vm101").await;
+    let _wa = cluster.watson("emitter", &a.url("/emitter"), &[]);
+    let url = format!("http://127.0.0.1:{admin}/status");
+    let error = eventually(Duration::from_secs(15), "the rejected candidate in /status", async || {
+        let status: serde_json::Value = cluster.http.get(&url).send().await.ok()?.json().await.ok()?;
+        status["last_error"].as_str().map(str::to_string)
+    })
+    .await;
+    assert!(error.contains("no-such-directive"), "{error}");
+    // The running config stays: HAProxy still answers, without the service.
+    let (status, _) = get_via(&cluster.http, port, "/emitter/").await.unwrap();
+    assert_eq!(status, 404);
+    let running = std::fs::read_to_string(cluster.dir.path().join(format!("sherlock-{port}/haproxy.cfg"))).unwrap();
+    assert!(!running.contains("no-such-directive"));
+    assert!(sherlock.log_text().contains("snapshot not applied"));
+    // The default sherlock, on the built-in template, serves it.
+    eventually(Duration::from_secs(10), "the default sherlock to serve emitter", async || {
+        let (status, body) = cluster.get("/emitter/").await.ok()?;
+        (status == 200 && body.starts_with("vm101")).then_some(())
+    })
+    .await;
+}

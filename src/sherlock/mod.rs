@@ -393,9 +393,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut reap_every = tokio::time::interval(Duration::from_millis(500));
     let mut drift_every = tokio::time::interval(DRIFT_EVERY);
     drift_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A failed apply is retried with backoff until a newer snapshot comes.
+    let mut retries = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut retry_at: Option<tokio::time::Instant> = None;
     let result = loop {
+        let retry = async {
+            match retry_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            _ = retry => {
+                retry_at = None;
+                // Mark the latest snapshot unseen, so the branch below applies it again.
+                rx.mark_changed();
+            }
             changed = rx.changed() => {
                 if changed.is_err() { break Ok(()) }
                 let arrived = Instant::now();
@@ -414,13 +428,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 match applier.apply(&next).await {
                     Ok(()) => {
                         applier.shared.metrics.observe_apply(arrived.elapsed());
+                        retries.reset();
+                        retry_at = None;
                         applier.correct_drift().await;
                     }
                     Err(e) => {
                         applier.shared.metrics.failed_applies.fetch_add(1, Ordering::Relaxed);
                         let e = format!("{e:#}");
-                        tracing::error!(index = next.index, error = %e, "snapshot not applied; the running config stays");
+                        let delay = retries.next_delay();
+                        tracing::error!(index = next.index, error = %e, retry_in = ?delay, "snapshot not applied; the running config stays");
                         applier.shared.status.lock().unwrap().last_error = Some(e);
+                        retry_at = Some(tokio::time::Instant::now() + delay);
                     }
                 }
             }

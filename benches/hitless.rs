@@ -1655,6 +1655,8 @@ async fn scale() -> String {
     let renderer = Renderer::new(None).unwrap();
     let mut snapshot = big_snapshot();
     let mut running = renderer.render(&site, &snapshot).unwrap();
+    // sherlock keeps the running config's shape; only the candidate is read.
+    let mut running_shape = runtime::Shape::of(&running);
 
     // Render + diff (and the runtime plan sherlock makes from the diff).
     let (mut renders, mut diffs, mut plans, mut totals) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -1665,7 +1667,7 @@ async fn scale() -> String {
         let t1 = Instant::now();
         let d = render::diff(&running, &candidate);
         let t2 = Instant::now();
-        let ops = runtime::plan(&running, &candidate, &BTreeMap::new());
+        let ops = runtime::plan(&running_shape, &runtime::Shape::of(&candidate), &BTreeMap::new());
         let t3 = Instant::now();
         assert!(d.is_some() && ops.as_ref().is_some_and(|o| o.len() == 1), "one weight change is one runtime op");
         renders.push(t1 - t0);
@@ -1698,7 +1700,8 @@ async fn scale() -> String {
         let candidate = renderer.render(&site, &next).unwrap();
         render::diff(&running, &candidate).expect("a difference");
         let t1 = Instant::now();
-        let ops = runtime::plan(&running, &candidate, &BTreeMap::new()).expect("a runtime change");
+        let shape = runtime::Shape::of(&candidate);
+        let ops = runtime::plan(&running_shape, &shape, &BTreeMap::new()).expect("a runtime change");
         let t2 = Instant::now();
         for command in ops.iter().flat_map(runtime::Op::commands) {
             let answer = haproxy.runtime_command(&command).await.unwrap();
@@ -1712,6 +1715,7 @@ async fn scale() -> String {
         let state = runtime::parse_servers_state(&state);
         assert_eq!(state[&(backend, server)].weight, weight, "the weight is in force");
         running = candidate;
+        running_shape = shape;
         snapshot = next;
     }
     eprintln!("scale: weight change applied {}", stats(&applies));

@@ -130,6 +130,9 @@ struct Applier {
     /// The config HAProxy runs (the file in place, modulo runtime changes
     /// already written to it).
     running: String,
+    /// `running` read for the runtime plan, kept so only the candidate is
+    /// read on each change (10,000 servers take milliseconds to read).
+    running_shape: runtime::Shape,
     /// The snapshot it was rendered from, after warming merges and with this
     /// client's routes in place.
     applied: Snapshot,
@@ -142,10 +145,12 @@ struct Applier {
     shared: Arc<admin::Shared>,
 }
 
-/// True when a Runtime API answer reports success.
+/// True when a Runtime API answer reports success. A command that succeeds
+/// silently still answers an empty line; no bytes at all means the
+/// connection dropped (a reload in between) and the command may be lost.
 fn runtime_ok(answer: &str) -> bool {
     let a = answer.trim();
-    a.is_empty() || a.starts_with("New server registered") || a.starts_with("Server deleted")
+    !answer.is_empty() && (a.is_empty() || a.starts_with("New server registered") || a.starts_with("Server deleted"))
 }
 
 impl Applier {
@@ -217,13 +222,14 @@ impl Applier {
         }
         let lines: BTreeMap<(String, String), runtime::ServerLine> =
             self.draining.iter().map(|(k, d)| (k.clone(), d.line.clone())).collect();
-        let Some(ops) = runtime::plan(&self.running, candidate, &lines) else { return false };
+        let shape = runtime::Shape::of(candidate);
+        let Some(ops) = runtime::plan(&self.running_shape, &shape, &lines) else { return false };
         let commands: Vec<String> = ops.iter().flat_map(runtime::Op::commands).collect();
         if let Err(e) = self.runtime(&commands).await {
             tracing::warn!(error = format!("{e:#}"), "runtime change failed; reloading instead");
             return false;
         }
-        let old = runtime::servers_of(&self.running);
+        let old = &self.running_shape.servers;
         for op in &ops {
             match op {
                 runtime::Op::Drain { backend, server } => {
@@ -245,6 +251,7 @@ impl Applier {
             tracing::warn!(error = %e, "could not write haproxy.cfg after a runtime change");
         }
         self.running = candidate.to_string();
+        self.running_shape = shape;
         self.metrics().runtime_applies.fetch_add(1, Ordering::Relaxed);
         tracing::info!(commands = commands.len(), "applied through the runtime api, no reload");
         true
@@ -266,6 +273,7 @@ impl Applier {
         // The new worker has only what the file lists: nothing drains.
         self.draining.clear();
         self.running = candidate.to_string();
+        self.running_shape = runtime::Shape::of(candidate);
         tracing::info!("haproxy reloaded");
         Ok(())
     }
@@ -307,9 +315,9 @@ impl Applier {
         }
         let Ok(text) = self.haproxy.runtime_command("show servers state").await else { return };
         let actual = runtime::parse_servers_state(&text);
-        let wanted = runtime::servers_of(&self.running);
+        let wanted = &self.running_shape.servers;
         let lines = self.draining.iter().map(|(k, d)| (k.clone(), d.line.clone())).collect();
-        let fixes = runtime::drift(&wanted, &actual, &lines);
+        let fixes = runtime::drift(wanted, &actual, &lines);
         if fixes.is_empty() {
             return;
         }
@@ -373,6 +381,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (applied_tx, applied_rx) = watch::channel(0u64);
     let mut applier = Applier {
         running: String::new(),
+        running_shape: runtime::Shape::default(),
         renderer,
         site,
         haproxy: Haproxy::new(config.haproxy.clone(), paths),
@@ -396,6 +405,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // A failed apply is retried with backoff until a newer snapshot comes.
     let mut retries = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // When the last apply ended, for coalescing.
+    let mut last_apply: Option<Instant> = None;
     let result = loop {
         let retry = async {
             match retry_at {
@@ -413,8 +424,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             changed = rx.changed() => {
                 if changed.is_err() { break Ok(()) }
                 let arrived = Instant::now();
-                // Changes that come close together are applied as one.
-                if !config.coalesce.is_zero() {
+                // Changes that come close together are applied as one; a
+                // change after a quiet spell is applied at once.
+                let busy = last_apply.is_some_and(|t: Instant| t.elapsed() < config.coalesce);
+                if busy {
                     let cap = arrived + Duration::from_secs(1);
                     loop {
                         let quiet = tokio::time::sleep(config.coalesce);
@@ -425,7 +438,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     }
                 }
                 let Some(next) = rx.borrow_and_update().clone() else { continue };
-                match applier.apply(&next).await {
+                let result = applier.apply(&next).await;
+                last_apply = Some(Instant::now());
+                match result {
                     Ok(()) => {
                         applier.shared.metrics.observe_apply(arrived.elapsed());
                         retries.reset();
@@ -486,6 +501,7 @@ async fn start_haproxy(applier: &mut Applier, snapshot: &Snapshot) -> anyhow::Re
         applier.haproxy.check(&paths.config).await?;
     }
     applier.haproxy.start().await?;
+    applier.running_shape = runtime::Shape::of(&config);
     applier.running = config;
     applier.applied = applied;
     applier.draining.clear();

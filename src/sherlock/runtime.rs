@@ -19,45 +19,60 @@ pub struct ServerLine {
 /// backend -> server -> line.
 pub type ServerTable = BTreeMap<String, BTreeMap<String, ServerLine>>;
 
-/// The `server` lines of a config, by backend.
-pub fn servers_of(config: &str) -> ServerTable {
-    let mut table = ServerTable::new();
-    let mut backend: Option<String> = None;
-    for line in config.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["backend", name, ..] => {
-                backend = Some(name.to_string());
-                table.entry(name.to_string()).or_default();
+/// What the runtime plan needs of a config, read in one pass: its server
+/// lines by backend, and a hash of everything else.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shape {
+    /// FNV-1a of the lines that are not `server` lines (the header comment,
+    /// which carries the snapshot index, left out).
+    skeleton: u64,
+    pub servers: ServerTable,
+}
+
+impl Shape {
+    pub fn of(config: &str) -> Shape {
+        let mut servers = ServerTable::new();
+        let mut skeleton: u64 = 0xcbf29ce484222325;
+        let mut backend: Option<String> = None;
+        let mut header = true;
+        for line in config.lines() {
+            header &= line.starts_with('#');
+            if header {
+                continue;
             }
-            ["frontend" | "defaults" | "global" | "listen" | "peers" | "resolvers" | "userlist", ..] => backend = None,
-            ["server", name, addr, rest @ ..] if !line.starts_with(char::is_alphanumeric) => {
-                if let Some(b) = &backend {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let indented = !line.starts_with(char::is_alphanumeric);
+            match (words.as_slice(), &backend) {
+                (["server", name, addr, rest @ ..], Some(b)) if indented => {
                     let weight = rest
                         .iter()
                         .position(|w| *w == "weight")
                         .and_then(|i| rest.get(i + 1))
                         .and_then(|w| w.parse().ok())
                         .unwrap_or(1);
-                    table
-                        .get_mut(b)
-                        .expect("inserted above")
-                        .insert(name.to_string(), ServerLine { addr: addr.to_string(), weight });
+                    let line = ServerLine { addr: addr.to_string(), weight };
+                    servers.entry(b.clone()).or_default().insert(name.to_string(), line);
+                    continue;
                 }
+                (["backend", name, ..], _) if !indented => {
+                    backend = Some(name.to_string());
+                    servers.entry(name.to_string()).or_default();
+                }
+                ([_, ..], _) if !indented => backend = None,
+                _ => {}
             }
-            _ => {}
+            for b in line.bytes().chain([b'\n']) {
+                skeleton ^= u64::from(b);
+                skeleton = skeleton.wrapping_mul(0x100000001b3);
+            }
         }
+        Shape { skeleton, servers }
     }
-    table
 }
 
-/// The config without its header comment and `server` lines.
-fn skeleton(config: &str) -> Vec<&str> {
-    config
-        .lines()
-        .skip_while(|l| l.starts_with('#'))
-        .filter(|l| !l.trim_start().starts_with("server ") || l.starts_with(char::is_alphanumeric))
-        .collect()
+/// The `server` lines of a config, by backend.
+pub fn servers_of(config: &str) -> ServerTable {
+    Shape::of(config).servers
 }
 
 /// One Runtime API change.
@@ -101,13 +116,13 @@ fn is_ip_port(addr: &str) -> bool {
 /// when they differ in more than servers and a reload is needed.
 ///
 /// `draining` are servers HAProxy still has that `running` no longer lists.
-pub fn plan(running: &str, candidate: &str, draining: &BTreeMap<(String, String), ServerLine>) -> Option<Vec<Op>> {
-    if skeleton(running) != skeleton(candidate) {
+pub fn plan(running: &Shape, candidate: &Shape, draining: &BTreeMap<(String, String), ServerLine>) -> Option<Vec<Op>> {
+    if running.skeleton != candidate.skeleton {
         return None;
     }
-    let (old, new) = (servers_of(running), servers_of(candidate));
+    let (old, new) = (&running.servers, &candidate.servers);
     let mut ops = Vec::new();
-    for (backend, servers) in &new {
+    for (backend, servers) in new {
         let before = old.get(backend)?;
         for (server, line) in servers {
             match before.get(server) {
@@ -221,7 +236,7 @@ mod tests {
     fn server_changes_are_runtime_ops() {
         let running = config(&[("s1", "127.0.0.1:1", 1), ("s2", "127.0.0.1:2", 1)], false);
         let candidate = config(&[("s1", "127.0.0.1:1", 3), ("s3", "127.0.0.1:3", 1)], false);
-        let ops = plan(&running, &candidate, &BTreeMap::new()).unwrap();
+        let ops = plan(&Shape::of(&running), &Shape::of(&candidate), &BTreeMap::new()).unwrap();
         assert_eq!(
             ops,
             vec![
@@ -237,15 +252,25 @@ mod tests {
     #[test]
     fn structure_hostnames_and_moved_addresses_need_a_reload() {
         let running = config(&[("s1", "127.0.0.1:1", 1)], false);
-        assert_eq!(plan(&running, &config(&[("s1", "127.0.0.1:1", 1)], true), &BTreeMap::new()), None);
-        assert_eq!(plan(&running, &config(&[("s1", "127.0.0.1:9", 1)], false), &BTreeMap::new()), None);
         assert_eq!(
-            plan(&running, &config(&[("s1", "127.0.0.1:1", 1), ("s2", "vm102:80", 1)], false), &BTreeMap::new()),
+            plan(&Shape::of(&running), &Shape::of(&config(&[("s1", "127.0.0.1:1", 1)], true)), &BTreeMap::new()),
+            None
+        );
+        assert_eq!(
+            plan(&Shape::of(&running), &Shape::of(&config(&[("s1", "127.0.0.1:9", 1)], false)), &BTreeMap::new()),
+            None
+        );
+        assert_eq!(
+            plan(
+                &Shape::of(&running),
+                &Shape::of(&config(&[("s1", "127.0.0.1:1", 1), ("s2", "vm102:80", 1)], false)),
+                &BTreeMap::new()
+            ),
             None
         );
         // The header (snapshot index) alone is no difference.
         let same = running.replace("# header 1", "# header 2");
-        assert_eq!(plan(&running, &same, &BTreeMap::new()), Some(vec![]));
+        assert_eq!(plan(&Shape::of(&running), &Shape::of(&same), &BTreeMap::new()), Some(vec![]));
     }
 
     #[test]
@@ -254,7 +279,7 @@ mod tests {
         let candidate = config(&[("s1", "127.0.0.1:1", 1), ("s2", "127.0.0.1:2", 5)], false);
         let mut draining = BTreeMap::new();
         draining.insert(("svc_a".to_string(), "s2".to_string()), ServerLine { addr: "127.0.0.1:2".into(), weight: 1 });
-        let ops = plan(&running, &candidate, &draining).unwrap();
+        let ops = plan(&Shape::of(&running), &Shape::of(&candidate), &draining).unwrap();
         assert_eq!(ops, vec![Op::Undrain { backend: "svc_a".into(), server: "s2".into(), weight: 5 }]);
     }
 

@@ -23,6 +23,16 @@ use registry::{Change, Registry};
 
 /// How long a silent sherlock stays listed in `/v1/status`.
 const SHERLOCK_FORGET: Duration = Duration::from_secs(600);
+/// The directory's timer: deferred publishes wait at most this long.
+const TICK: Duration = Duration::from_millis(10);
+/// How often the registry is scanned for expired instances.
+const EXPIRY_SCAN: Duration = Duration::from_millis(100);
+/// Publishes are at least this far apart...
+const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(10);
+/// ...and at least this many times their own cost apart, so that a burst
+/// (10,000 watsons re-registering with a restarted directory) costs at most
+/// a quarter of a core in merges instead of one full merge per heartbeat.
+const PUBLISH_COST_FACTOR: u32 = 4;
 
 /// Validated settings of one directory.
 #[derive(Debug, Clone)]
@@ -76,6 +86,12 @@ struct Inner {
     routes: RouteSet,
     /// Where those routes came from, and any rejected commit or fetch error.
     routes_status: RoutesStatus,
+    /// A change is waiting to be published (see `changed`).
+    dirty: bool,
+    /// When the last publish ran, and how long it took.
+    last_publish: Option<(Instant, Duration)>,
+    /// When the registry is next scanned for expired instances.
+    next_expiry_scan: Option<Instant>,
 }
 
 /// One running directory, shared by the HTTP handlers and the expiry loop.
@@ -137,7 +153,7 @@ impl Directory {
         status.fetched_at = Some(reconcile::now_rfc3339());
         status.rejected = None;
         status.error = None;
-        self.publish(&inner);
+        self.changed(&mut inner);
     }
 
     /// Records a successful fetch that changed nothing in force: the same
@@ -186,7 +202,7 @@ impl Directory {
         let mut inner = self.inner.lock().unwrap();
         if inner.registry.heartbeat(id.clone(), heartbeat, Instant::now()) == Change::Membership {
             tracing::info!(instance = %id, "registered");
-            self.publish(&inner);
+            self.changed(&mut inner);
         }
     }
 
@@ -197,30 +213,52 @@ impl Directory {
         if removed {
             self.metrics.deregistrations.fetch_add(1, Ordering::Relaxed);
             tracing::info!(instance = %id, "deregistered");
-            self.publish(&inner);
+            self.changed(&mut inner);
         }
         removed
     }
 
-    /// Expires instances whose TTL has passed and ends warming when due.
+    /// Expires instances whose TTL has passed, ends warming when due, and
+    /// publishes a deferred change once its interval has passed.
     fn tick(&self) {
         let mut inner = self.inner.lock().unwrap();
-        let expired = inner.registry.expire(Instant::now());
-        for (id, entry) in &expired {
-            tracing::warn!(instance = %id, service = %entry.heartbeat.service, "expired: no heartbeat within its ttl");
+        let now = Instant::now();
+        if inner.next_expiry_scan.is_none_or(|t| now >= t) {
+            inner.next_expiry_scan = Some(now + EXPIRY_SCAN);
+            let expired = inner.registry.expire(now);
+            for (id, entry) in &expired {
+                tracing::warn!(instance = %id, service = %entry.heartbeat.service, "expired: no heartbeat within its ttl");
+            }
+            self.metrics.expiries.fetch_add(expired.len() as u64, Ordering::Relaxed);
+            // A sherlock that has not asked for ten minutes is gone, not lagging.
+            inner.sherlocks.retain(|_, s| s.last_seen.elapsed() < SHERLOCK_FORGET);
+            let warming_ended = self.snapshots.borrow().warming && !self.warming();
+            inner.dirty |= !expired.is_empty() || warming_ended;
         }
-        self.metrics.expiries.fetch_add(expired.len() as u64, Ordering::Relaxed);
-        // A sherlock that has not asked for ten minutes is gone, not lagging.
-        inner.sherlocks.retain(|_, s| s.last_seen.elapsed() < SHERLOCK_FORGET);
-        let warming_ended = self.snapshots.borrow().warming && !self.warming();
-        if !expired.is_empty() || warming_ended {
-            self.publish(&inner);
+        if inner.dirty && self.may_publish(&inner) {
+            self.publish(&mut inner);
+        }
+    }
+
+    /// Whether a publish now keeps publishes far enough apart.
+    fn may_publish(&self, inner: &Inner) -> bool {
+        inner.last_publish.is_none_or(|(at, cost)| at.elapsed() >= MIN_PUBLISH_INTERVAL.max(cost * PUBLISH_COST_FACTOR))
+    }
+
+    /// Something that shapes the snapshot changed: publish at once after a
+    /// quiet spell, else leave it to the timer, so bursts become one publish.
+    fn changed(&self, inner: &mut Inner) {
+        inner.dirty = true;
+        if self.may_publish(inner) {
+            self.publish(inner);
         }
     }
 
     /// Rebuilds the snapshot and publishes it under a new index if its content
     /// changed. Called with the lock held, so indexes follow mutations in order.
-    fn publish(&self, inner: &Inner) {
+    fn publish(&self, inner: &mut Inner) {
+        let started = Instant::now();
+        inner.dirty = false;
         let merged = merge::merge(inner.registry.iter().map(|(id, e)| (id, &e.heartbeat)), &inner.routes);
         let warming = self.warming();
         let commit = inner.routes_status.commit.clone();
@@ -231,6 +269,7 @@ impl Directory {
             && current.warming == warming
             && current.commit == commit
         {
+            inner.last_publish = Some((started, started.elapsed()));
             return;
         }
         let next = Snapshot {
@@ -244,6 +283,7 @@ impl Directory {
         tracing::info!(index = next.index, services = next.services.len(), warming, "snapshot published");
         self.metrics.snapshots_published.fetch_add(1, Ordering::Relaxed);
         self.snapshots.send_replace(Arc::new(next));
+        inner.last_publish = Some((started, started.elapsed()));
     }
 
     /// Records that a sherlock asked for a snapshot, having applied `applied`.
@@ -316,9 +356,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let directory = directory.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            // A 100 ms tick bounds expiry lateness; scanning even 10,000
-            // entries costs well under a millisecond.
-            let mut every = tokio::time::interval(Duration::from_millis(100));
+            // Expiry scans every 100 ms (10,000 entries cost well under a
+            // millisecond); deferred publishes are checked every 10 ms.
+            let mut every = tokio::time::interval(TICK);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {

@@ -1557,10 +1557,9 @@ async fn capacity() -> String {
     let (cold_secs, cold_live, cold_rate, cold_published, cold_expired, cold_core) = cold;
     let _ = writeln!(
         out,
-        "\nThe window above starts from a registry already full. Getting there is the weak spot (the \
-         directory has no naive counterpart, so these are for contrast): every first heartbeat is a membership \
-         change that rebuilds and publishes the whole snapshot under the registry lock, at a cost that grows with \
-         the instances already registered.\n\n\
+        "\nThe window above starts from a registry already full. How the registry fills from empty, as after \
+         a directory restart (every first heartbeat is a membership change; the directory coalesces the \
+         snapshot rebuilds of a burst):\n\n\
          | cold start | figure |\n|---|---|\n\
          | {CAP_INSTANCES} watsons' heartbeats (1/s, `ttl_ms` {CAP_TTL_MS}) on a fresh directory, after {cold_secs:.0} s | \
          **{cold_live:.0} live instances**; {cold_rate:.0} heartbeats/s answered; {cold_published:.0} snapshots \
@@ -1568,9 +1567,8 @@ async fn capacity() -> String {
          | registering the {CAP_INSTANCES} once each, 50 at a time (`ttl_ms` 600000) | **{:.1} s**, {:.1} \
          CPU-seconds: {:.2} ms of CPU per registration on average vs {:.3} ms per refresh; {registration_failed} \
          failed; peak RSS {:.1} MiB; progress {} |\n\n\
-         So 10,000 watsons with watson's default TTL never all get registered on a fresh directory: instances \
-         expire while they wait behind other instances' snapshot rebuilds. The measured window above therefore \
-         registers once with a long TTL, then heartbeats with 3 s.",
+         The measured window above registers once with a long TTL, then heartbeats with 3 s, so that it \
+         measures refreshes alone.",
         took.as_secs_f64(),
         cpu,
         cpu * 1000.0 / CAP_INSTANCES as f64,

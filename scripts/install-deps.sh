@@ -6,6 +6,7 @@ set -euo pipefail
 missing=()
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v git >/dev/null 2>&1 || missing+=(git)
+command -v curl >/dev/null 2>&1 || missing+=(curl)  # make demo waits with it
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "installing ${missing[*]} with apt-get" >&2

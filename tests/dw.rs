@@ -37,13 +37,7 @@ impl Setup {
         let initial = repo.commit(&files, "initial routes");
         let url = repo.url();
         let cluster = Cluster::start_with(&["--repo", &url, "--poll", "1h"]).await;
-        let mut instances = Vec::new();
-        let mut watsons = Vec::new();
-        for (n, version) in versions.iter().enumerate() {
-            let instance = Instance::start(&format!("{version}-{n}")).await;
-            watsons.push(cluster.watson("barker", &instance.url("/barker"), &["--version", version]));
-            instances.push(instance);
-        }
+        let (instances, watsons) = cluster.fleet("barker", versions).await;
         if !versions.is_empty() {
             cluster.wait_for_instances("barker", versions.len()).await;
         }

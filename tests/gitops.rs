@@ -9,18 +9,6 @@ use common::*;
 
 const CANARY: &str = "# the barker canary\nbarker:\n  v1: 90\n  v2: 10\n";
 
-/// Starts instances named `<version>-<n>` with a watson each.
-async fn barker_fleet(cluster: &Cluster, versions: &[&str]) -> (Vec<Instance>, Vec<Proc>) {
-    let mut instances = Vec::new();
-    let mut watsons = Vec::new();
-    for (n, version) in versions.iter().enumerate() {
-        let instance = Instance::start(&format!("{version}-{n}")).await;
-        watsons.push(cluster.watson("barker", &instance.url("/barker"), &["--version", version]));
-        instances.push(instance);
-    }
-    (instances, watsons)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_splits_90_10_a_bad_commit_is_kept_out_and_a_revert_ends_it() {
     let tmp = tempfile::tempdir().unwrap();
@@ -28,7 +16,7 @@ async fn a_canary_splits_90_10_a_bad_commit_is_kept_out_and_a_revert_ends_it() {
     let initial = repo.commit(&[("routes/barker.yaml", "barker: {v1: 100}\n"), ("README.md", "routes\n")], "initial");
     let url = repo.url();
     let cluster = Cluster::start_with(&["--repo", &url, "--poll", "1h"]).await;
-    let (_instances, _watsons) = barker_fleet(&cluster, &["v1", "v1", "v1", "v2", "v3"]).await;
+    let (_instances, _watsons) = cluster.fleet("barker", &["v1", "v1", "v1", "v2", "v3"]).await;
     cluster.wait_for_instances("barker", 5).await;
     cluster.wait_for_commit(initial).await;
     let (counts, errors) = cluster.tally("/barker/", 30).await;
@@ -119,7 +107,7 @@ async fn a_client_with_its_own_route_follows_it_while_others_follow_the_service(
     let url = repo.url();
     let cluster = Cluster::start_with(&["--repo", &url, "--poll", "1h"]).await;
     let (monolith_port, _monolith) = cluster.start_sherlock(&["--client", "monolith"]).await;
-    let (_instances, _watsons) = barker_fleet(&cluster, &["v1", "v2"]).await;
+    let (_instances, _watsons) = cluster.fleet("barker", &["v1", "v2"]).await;
     cluster.wait_for_instances("barker", 2).await;
     cluster.wait_for_commit(commit).await;
 

@@ -72,13 +72,7 @@ async fn churn_and_weight_changes_under_load_need_no_reload_and_fail_nothing() {
     let first = repo.commit(&[("routes/barker.yaml", "barker: {v1: 100, v2: 0}\n")], "v2 staged");
     let url = repo.url();
     let cluster = Cluster::start_with(&["--repo", &url, "--poll", "1h"]).await;
-    let mut instances = Vec::new();
-    let mut watsons = Vec::new();
-    for (n, version) in ["v1", "v1", "v1", "v2"].iter().enumerate() {
-        let i = Instance::start(&format!("{version}-{n}")).await;
-        watsons.push(cluster.watson("barker", &i.url("/barker"), &["--version", version]));
-        instances.push(i);
-    }
+    let (mut instances, mut watsons) = cluster.fleet("barker", &["v1", "v1", "v1", "v2"]).await;
     cluster.wait_for_instances("barker", 4).await;
     cluster.wait_until_warm().await;
     let _ = first;

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -277,37 +277,18 @@ async fn metrics(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
     let mut counter = |name: &str, help: &str, value: u64| {
         let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n");
     };
-    counter("dstack_directory_heartbeats_total", "Heartbeats accepted.", m.heartbeats.load(Ordering::Relaxed));
-    counter(
-        "dstack_directory_deregistrations_total",
-        "Instances deregistered by their watson.",
-        m.deregistrations.load(Ordering::Relaxed),
-    );
-    counter(
-        "dstack_directory_expiries_total",
-        "Instances expired for lack of heartbeats.",
-        m.expiries.load(Ordering::Relaxed),
-    );
-    counter(
-        "dstack_directory_snapshots_published_total",
-        "Snapshots published.",
-        m.snapshots_published.load(Ordering::Relaxed),
-    );
-    counter(
-        "dstack_directory_bad_requests_total",
-        "Requests refused with a 4xx.",
-        m.bad_requests.load(Ordering::Relaxed),
-    );
-    counter(
-        "dstack_directory_reconciles_total",
-        "Reconciles of the routes repo.",
-        m.reconciles.load(Ordering::Relaxed),
-    );
-    counter(
-        "dstack_directory_rejected_commits_total",
-        "Routes commits rejected by validation.",
-        m.rejected_commits.load(Ordering::Relaxed),
-    );
+    let counters: [(&str, &str, &AtomicU64); 7] = [
+        ("dstack_directory_heartbeats_total", "Heartbeats accepted.", &m.heartbeats),
+        ("dstack_directory_deregistrations_total", "Instances deregistered by their watson.", &m.deregistrations),
+        ("dstack_directory_expiries_total", "Instances expired for lack of heartbeats.", &m.expiries),
+        ("dstack_directory_snapshots_published_total", "Snapshots published.", &m.snapshots_published),
+        ("dstack_directory_bad_requests_total", "Requests refused with a 4xx.", &m.bad_requests),
+        ("dstack_directory_reconciles_total", "Reconciles of the routes repo.", &m.reconciles),
+        ("dstack_directory_rejected_commits_total", "Routes commits rejected by validation.", &m.rejected_commits),
+    ];
+    for (name, help, value) in counters {
+        counter(name, help, value.load(Ordering::Relaxed));
+    }
     let _ = write!(
         out,
         "# HELP dstack_directory_snapshot_index Index of the snapshot served.\n# TYPE dstack_directory_snapshot_index gauge\ndstack_directory_snapshot_index {}\n\

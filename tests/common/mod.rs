@@ -345,6 +345,19 @@ impl Cluster {
         .await;
     }
 
+    /// Starts one instance of `service` per version, named `<version>-<n>`,
+    /// each with a watson announcing its version.
+    pub async fn fleet(&self, service: &str, versions: &[&str]) -> (Vec<Instance>, Vec<Proc>) {
+        let mut instances = Vec::new();
+        let mut watsons = Vec::new();
+        for (n, version) in versions.iter().enumerate() {
+            let instance = Instance::start(&format!("{version}-{n}")).await;
+            watsons.push(self.watson(service, &instance.url(&format!("/{service}")), &["--version", version]));
+            instances.push(instance);
+        }
+        (instances, watsons)
+    }
+
     /// `POST /v1/reconcile`, asserting a 200; the JSON answer.
     pub async fn reconcile(&self) -> serde_json::Value {
         let resp = self.http.post(format!("{}/v1/reconcile", self.directory_url())).send().await.unwrap();

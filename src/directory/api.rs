@@ -392,6 +392,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn metrics_count_heartbeats_publishes_and_refusals() {
+        let (app, _) = app_for_test();
+        call(&app, "PUT", "/v1/instances/e1", GOOD).await;
+        call(&app, "PUT", "/v1/instances/e1", GOOD).await;
+        call(&app, "PUT", "/v1/instances/e1", "{").await;
+        let req = Request::builder().uri("/metrics").body(Body::empty()).unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let text = String::from_utf8(axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
+        for line in [
+            "dstack_directory_heartbeats_total 2",
+            "dstack_directory_snapshots_published_total 1",
+            "dstack_directory_bad_requests_total 1",
+            "dstack_directory_expiries_total 0",
+            "dstack_directory_reconciles_total 0",
+            "dstack_directory_instances 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[tokio::test]
     async fn oversized_body_is_refused() {
         let (app, _) = app_for_test();
         let huge = format!(r#"{{"service":"{}"}}"#, "a".repeat(MAX_BODY * 2));

@@ -257,3 +257,38 @@ async fn sherlocks_exit_takes_its_haproxy_with_it() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sherlock_reads_its_config_file_when_given_no_directory() {
+    let cluster = Cluster::start().await;
+    let a = Instance::start("vm101").await;
+    let _wa = cluster.watson("emitter", &a.url("/emitter"), &[]);
+    let port = free_port();
+    let config = cluster.dir.path().join("sherlock.yaml");
+    let run_dir = cluster.dir.path().join("from-file");
+    std::fs::write(
+        &config,
+        format!(
+            "directories:\n  - {}\nlisten: 127.0.0.1:{port}\nrun_dir: {}\nadmin: 127.0.0.1:{}\nclient: monolith\n",
+            cluster.directory_url(),
+            run_dir.display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let _sherlock = Proc::start(cluster.dir.path(), "sherlock", &["-c", config.to_str().unwrap()]);
+    let http = cluster.http.clone();
+    let body = eventually(Duration::from_secs(15), "the file-configured sherlock to route", async || {
+        get_via(&http, port, "/emitter/x").await.ok().filter(|(s, _)| *s == 200).map(|(_, b)| b)
+    })
+    .await;
+    assert_eq!(body, "vm101 /emitter/x");
+    assert!(run_dir.join("haproxy.cfg").exists(), "run_dir comes from the file");
+
+    // A bad file is one clear line and exit 2.
+    std::fs::write(&config, "directories: [//services/directory]\nlisten: nowhere\n").unwrap();
+    let out = std::process::Command::new(bin("sherlock")).args(["-c", config.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("sherlock.yaml:2:"), "{stderr}");
+}

@@ -11,10 +11,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_directory_down_sherlock_keeps_serving_and_restarts_from_disk() {
     let mut cluster = Cluster::start().await;
-    let a = Instance::start("vm101").await;
-    let b = Instance::start("vm102").await;
-    let _wa = cluster.watson("emitter", &a.url("/emitter"), &[]);
-    let _wb = cluster.watson("emitter", &b.url("/emitter"), &[]);
+    let _fleet = cluster.fleet("emitter", &["v1", "v1"]).await;
     cluster.wait_for_instances("emitter", 2).await;
 
     cluster.directory.kill();
@@ -34,11 +31,8 @@ async fn with_the_directory_down_sherlock_keeps_serving_and_restarts_from_disk()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_directory_does_not_wipe_routes_while_it_warms() {
     let mut cluster = Cluster::start().await;
-    let a = Instance::start("vm101").await;
-    let b = Instance::start("vm102").await;
     // A 1 s period: the watsons re-register within a second or so.
-    let _wa = cluster.watson("emitter", &a.url("/emitter"), &[]);
-    let _wb = cluster.watson("emitter", &b.url("/emitter"), &[]);
+    let _fleet = cluster.fleet("emitter", &["v1", "v1"]).await;
     cluster.wait_for_instances("emitter", 2).await;
 
     cluster.restart_directory().await;
@@ -85,10 +79,7 @@ async fn an_unreachable_routes_remote_is_reported_and_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runtime_drift_is_corrected_and_counted() {
     let cluster = Cluster::start().await;
-    let a = Instance::start("vm101").await;
-    let b = Instance::start("vm102").await;
-    let _wa = cluster.watson("emitter", &a.url("/emitter"), &[]);
-    let _wb = cluster.watson("emitter", &b.url("/emitter"), &[]);
+    let _fleet = cluster.fleet("emitter", &["v1", "v1"]).await;
     cluster.wait_for_instances("emitter", 2).await;
     let run_dir = cluster.dir.path().join(format!("sherlock-{}", cluster.sherlock_port));
     let admin = cluster.admin_port(cluster.sherlock_port);

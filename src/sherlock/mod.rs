@@ -181,18 +181,20 @@ impl Applier {
         let mine = next.for_client(Some(&self.client));
         let effective = if next.warming { keep_backends(&self.applied, &mine) } else { mine };
         let candidate = self.renderer.render(&self.site, &effective)?;
-        match render::diff(&self.running, &candidate) {
+        let changed = match render::diff(&self.running, &candidate) {
             None => {
                 tracing::debug!("config unchanged");
                 self.metrics().unchanged.fetch_add(1, Ordering::Relaxed);
+                false
             }
             Some(diff) => {
                 tracing::info!("haproxy.cfg changes:\n{diff}");
                 if !self.apply_at_runtime(&candidate).await {
                     self.reload(&candidate).await?;
                 }
+                true
             }
-        }
+        };
         self.applied = effective;
         self.metrics().applied_index.store(next.index, Ordering::Relaxed);
         self.applied_index.send_replace(next.index);
@@ -204,6 +206,11 @@ impl Applier {
             status.servers = self.applied.services.values().map(|s| s.backends.len()).sum();
             status.draining = self.draining.len();
             status.last_error = None;
+        }
+        // The saved snapshot only has to render what runs: an unchanged
+        // config needs no new copy on disk.
+        if !changed {
+            return Ok(());
         }
         if let Ok(json) = serde_json::to_string(&self.applied) {
             if let Err(e) = write_atomic(&self.snapshot_file(), &json) {

@@ -70,11 +70,6 @@ impl Shape {
     }
 }
 
-/// The `server` lines of a config, by backend.
-pub fn servers_of(config: &str) -> ServerTable {
-    Shape::of(config).servers
-}
-
 /// One Runtime API change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -285,7 +280,7 @@ mod tests {
 
     #[test]
     fn drift_is_found_and_fixed() {
-        let wanted = servers_of(&config(&[("s1", "127.0.0.1:1", 3), ("s2", "127.0.0.1:2", 1)], false));
+        let wanted = Shape::of(&config(&[("s1", "127.0.0.1:1", 3), ("s2", "127.0.0.1:2", 1)], false)).servers;
         let text = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight\n\
                     3 svc_a 1 s1 127.0.0.1 2 0 1 1 0\n\
                     3 svc_a 2 s2 127.0.0.1 2 1 1 1 0\n\

@@ -704,14 +704,14 @@ async fn naive_loop(directory: String, site: Site, run_dir: PathBuf, state: Arc<
     let client = DirectoryClient::new(directory.parse().unwrap(), Duration::from_secs(5));
     let renderer = Renderer::new(None).unwrap();
     let (cfg, pidfile) = (run_dir.join("haproxy.cfg"), run_dir.join("haproxy.pid"));
-    let mut index = 0;
+    let mut held = dstack::model::SnapshotId::default();
     loop {
         let snapshot = tokio::select! {
             _ = stop.cancelled() => return,
-            s = client.snapshot(index, Duration::from_secs(30), None) => s,
+            s = client.snapshot(held, Duration::from_secs(30), None) => s,
         };
         let snapshot = match snapshot {
-            Ok(s) if s.index != index => s,
+            Ok(s) if s.id() != held => s,
             Ok(_) => continue,
             Err(e) => {
                 *state.error.lock().unwrap() = Some(e.to_string());
@@ -719,7 +719,7 @@ async fn naive_loop(directory: String, site: Site, run_dir: PathBuf, state: Arc<
                 continue;
             }
         };
-        index = snapshot.index;
+        held = snapshot.id();
         let text = renderer.render(&site, &snapshot).unwrap().replace("    master-worker\n", "");
         std::fs::write(&cfg, text).unwrap();
         let old = std::fs::read_to_string(&pidfile).ok().map(|p| p.trim().to_string()).filter(|p| !p.is_empty());
@@ -739,7 +739,7 @@ async fn naive_loop(directory: String, site: Site, run_dir: PathBuf, state: Arc<
         if old.is_some() {
             state.reloads.fetch_add(1, Ordering::SeqCst);
         }
-        state.applied.store(index, Ordering::SeqCst);
+        state.applied.store(held.index, Ordering::SeqCst);
     }
 }
 

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use git2::{Cred, CredentialType, FetchOptions, Oid, PushOptions, RemoteCallbacks, Repository};
 
+use crate::routes::{is_routes_file, RawFile};
+
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
     #[error("git: {context}: {source}")]
@@ -56,9 +58,6 @@ pub struct Mirror {
     branch: String,
 }
 
-/// A routes file read from a commit: its path from the repo root, its text.
-pub type RouteFile = (String, String);
-
 impl Mirror {
     /// Opens the mirror at `path`, or clones `url` there. A mirror of some
     /// other URL is replaced.
@@ -93,9 +92,9 @@ impl Mirror {
         Ok(oid)
     }
 
-    /// The routes files of a commit: every `*.yaml`/`*.yml` directly in
+    /// The routes files of a commit: every `*.yaml`/`*.yml` blob directly in
     /// `routes_dir`. A commit without that folder has no routes.
-    pub fn routes_files(&self, commit: Oid, routes_dir: &str) -> Result<Vec<RouteFile>, GitError> {
+    pub fn routes_files(&self, commit: Oid, routes_dir: &str) -> Result<Vec<RawFile>, GitError> {
         routes_files(&self.repo, commit, routes_dir)
     }
 
@@ -111,7 +110,7 @@ pub fn commit_summary(repo: &Repository, commit: Oid) -> String {
 }
 
 /// The routes files of `commit` in `repo`.
-pub fn routes_files(repo: &Repository, commit: Oid, routes_dir: &str) -> Result<Vec<RouteFile>, GitError> {
+pub fn routes_files(repo: &Repository, commit: Oid, routes_dir: &str) -> Result<Vec<RawFile>, GitError> {
     let commit = repo.find_commit(commit).map_err(ctx("reading the commit"))?;
     let tree = commit.tree().map_err(ctx("reading the commit's tree"))?;
     let dir = routes_dir.trim_matches('/');
@@ -123,13 +122,13 @@ pub fn routes_files(repo: &Repository, commit: Oid, routes_dir: &str) -> Result<
     let mut files = Vec::new();
     for entry in subtree.iter() {
         let Ok(name) = entry.name() else { continue };
-        if !(name.ends_with(".yaml") || name.ends_with(".yml")) || entry.kind() != Some(git2::ObjectType::Blob) {
+        if !is_routes_file(name) || entry.kind() != Some(git2::ObjectType::Blob) {
             continue;
         }
         let blob =
             entry.to_object(repo).and_then(|o| o.peel_to_blob()).map_err(ctx(format!("reading {dir}/{name}")))?;
-        let text = String::from_utf8_lossy(blob.content()).into_owned();
-        files.push((format!("{dir}/{name}"), text));
+        // Bytes, not text: `routes::read_files` refuses a file that is not UTF-8.
+        files.push((format!("{dir}/{name}"), blob.content().to_vec()));
     }
     files.sort();
     Ok(files)
@@ -203,7 +202,7 @@ mod tests {
         let mirror = Mirror::open_or_clone(&url, &tmp.path().join("mirror"), "main").unwrap();
         assert_eq!(mirror.fetch().unwrap(), first);
         let files = mirror.routes_files(first, "routes").unwrap();
-        assert_eq!(files, vec![("routes/barker.yaml".to_string(), "barker: {v1: 100}\n".to_string())]);
+        assert_eq!(files, vec![("routes/barker.yaml".to_string(), b"barker: {v1: 100}\n".to_vec())]);
 
         let second = commit(&origin, &[("routes/emitter.yml", "emitter: {v1: 100}\n")], "second");
         // Reopening finds the existing mirror and fetches the new commit.

@@ -13,8 +13,8 @@ use std::ops::Range;
 use marked_yaml::types::{MarkedMappingNode, MarkedScalarNode};
 use marked_yaml::{LoaderOptions, Marker, Node};
 
-use crate::model::{ServiceName, Version};
-use crate::routes::{self, ClientName, Route, RouteError, Weights, WeightsError, WEIGHT_TOTAL};
+use crate::model::{ClientName, ServiceName, Version};
+use crate::routes::{self, Route, RouteError, Weights, WeightsError, WEIGHT_TOTAL};
 
 /// Why a routes file could not be edited, or why `dw route` arguments were
 /// refused. Each message states the rule and what would be accepted.
@@ -219,7 +219,7 @@ pub fn parse_assignments(args: &[String]) -> Result<BTreeMap<Version, u32>, Edit
     }
     let sum: u32 = weights.values().sum();
     if sum != WEIGHT_TOTAL {
-        return Err(EditError::Sum { sum, given: Weights(weights).to_string() });
+        return Err(EditError::Sum { sum, given: routes::weights_text(&weights) });
     }
     Ok(weights)
 }
@@ -761,14 +761,13 @@ fn check(
             })
         }
     };
-    let wanted = Weights(weights.clone());
     let got = edited.routes.get(service).and_then(|route| match client {
         None => Some(&route.weights),
         Some(client) => route.clients.get(client),
     });
-    if got != Some(&wanted) {
+    let Some(wanted) = got.filter(|w| w.as_map() == weights).cloned() else {
         return Err(mismatch("the new weights are not what was asked"));
-    }
+    };
     // When the file was valid before, everything else must be as it was.
     if let Ok(mut expected) = original {
         let route: &mut Route = expected
@@ -871,7 +870,7 @@ emitter:
         // The last line, without a final newline, stays without one.
         let out = set(text, "emitter", None, &[("v1", 50), ("2", 50)]).unwrap();
         assert!(out.ends_with("emitter: {v1: 50, 2: 50}"), "{out}");
-        let versions: Vec<_> = routes_of(&out).routes[&svc("emitter")].weights.0.keys().cloned().collect();
+        let versions: Vec<_> = routes_of(&out).routes[&svc("emitter")].weights.as_map().keys().cloned().collect();
         assert_eq!(versions, [v("2"), v("v1")]);
     }
 

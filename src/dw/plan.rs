@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::workspace::{short, Workspace};
 use super::{Failure, Style};
-use crate::directory::api::Status;
 use crate::directory::merge::{merge, Merged};
 use crate::model::{Heartbeat, InstanceId, ServiceName, Snapshot};
+use crate::protocol::Status;
 use crate::routes::{Route, RouteSet};
 use crate::sherlock::render::{self, Renderer, Site};
 
@@ -235,11 +235,11 @@ fn summary(changes: &[RouteChange], served: Option<&str>) -> String {
 
 fn weights_text(route: &Route) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for (v, w) in &route.weights.0 {
+    for (v, w) in route.weights.iter() {
         out.insert(v.to_string(), w.to_string());
     }
     for (client, weights) in &route.clients {
-        for (v, w) in &weights.0 {
+        for (v, w) in weights.iter() {
             out.insert(format!("clients.{client}.{v}"), w.to_string());
         }
     }

@@ -6,8 +6,8 @@ use std::path::Path;
 use super::edit;
 use super::workspace::Workspace;
 use super::{Context, Failure};
-use crate::model::{ServiceName, Version};
-use crate::routes::ClientName;
+use crate::model::{ClientName, ServiceName, Version};
+use crate::routes::Weights;
 
 /// Writes `weights` for `service` (and `client`) into the file defining it,
 /// or a new `routes/<service>.yaml`. The file is untouched on any error.
@@ -63,7 +63,7 @@ pub async fn add(
     let (service, version, client, percent) = edit::parse_route_add(source, target, percent).map_err(Failure::error)?;
     let ws = Workspace::open(repo, routes_dir)?;
     let routes = super::plan::working_routes(&ws.routes_files()?)?;
-    let current = routes.weights_for(&service, client.as_ref()).map(|w| &w.0);
+    let current = routes.weights_for(&service, client.as_ref()).map(Weights::as_map);
     // With no route yet, the versions live now take the rest.
     let live: Vec<Version> = if current.is_none() {
         let mut versions: Vec<Version> = match ctx.client.instances().await {

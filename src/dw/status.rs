@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use super::workspace::short;
 use super::{Context, Failure, Style};
-use crate::directory::api::Status;
+use crate::protocol::Status;
 
 pub async fn run(ctx: &Context, json: bool) -> Result<(), Failure> {
     let status = ctx.client.status().await.map_err(Failure::error)?;

@@ -53,24 +53,17 @@ impl Workspace {
 
     /// The routes files of the working tree, uncommitted changes included.
     pub fn routes_files(&self) -> Result<Vec<(String, String)>, Failure> {
-        let dir = self.root.join(&self.routes_dir);
-        let mut files = Vec::new();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(files),
-            Err(e) => return Err(Failure::error(format!("reading {}: {e}", dir.display()))),
+        // The same reader as the directory's, so both refuse the same files.
+        let refuse = |errors: Vec<crate::routes::RouteError>| {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            Failure::error(format!("cannot read the routes in the working tree:\n{}", lines.join("\n")))
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !(name.ends_with(".yaml") || name.ends_with(".yml")) || !entry.path().is_file() {
-                continue;
-            }
-            let text = std::fs::read_to_string(entry.path())
-                .map_err(|e| Failure::error(format!("reading {}/{name}: {e}", self.routes_dir)))?;
-            files.push((format!("{}/{name}", self.routes_dir), text));
+        let raw = crate::routes::read_dir(&self.root, &self.routes_dir).map_err(refuse)?;
+        let (texts, errors) = crate::routes::decode(raw);
+        if !errors.is_empty() {
+            return Err(refuse(errors));
         }
-        files.sort();
-        Ok(files)
+        Ok(texts)
     }
 
     /// Writes one routes file (path relative to the root).

@@ -109,7 +109,7 @@ pub fn server_weights(service: &ServiceName, route: Option<&Weights>, instances:
 
 /// The warnings for weighted versions that have no live instance.
 fn redistribution_warnings(service: &ServiceName, route: &Weights, live: &BTreeMap<Version, usize>) -> Vec<String> {
-    let weighted: Vec<(&Version, u32)> = route.0.iter().filter(|(_, w)| **w > 0).map(|(v, w)| (v, *w)).collect();
+    let weighted: Vec<(&Version, u32)> = route.iter().filter(|(_, w)| *w > 0).collect();
     let (receivers, missing): (Vec<_>, Vec<_>) = weighted.iter().partition(|(v, _)| live.contains_key(*v));
     if receivers.is_empty() {
         let wanted: Vec<String> = weighted.iter().map(|(v, w)| format!("{v} {w}%")).collect();

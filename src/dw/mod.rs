@@ -9,6 +9,7 @@
 //! - 2: bad usage (clap's own code), or `plan --detailed-exitcode` found changes.
 
 pub mod apply;
+pub mod assign;
 pub mod config;
 pub mod edit;
 pub mod plan;

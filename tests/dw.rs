@@ -504,3 +504,88 @@ async fn rollback_reverts_a_merged_pull_request_against_its_first_parent() {
     assert!(run.2.contains("root commit"), "{}", run.2);
     assert_eq!(s.remote_head(), head);
 }
+
+/// Runs dw with stdout a pipe whose reader is already gone, as
+/// `dw route list --json | head -1` leaves it once head has its line;
+/// (exit code, stderr). HOME is `home`, so `config set` writes there.
+fn dw_into_a_closed_pipe(s: &Setup, home: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    // Closed before dw starts, so its first write meets the broken pipe.
+    drop(reader);
+    let directory = s.cluster.directory_url();
+    let out = Command::new(bin("dw"))
+        .args(["-d", &directory])
+        .args(args)
+        .current_dir(&s.repo.work)
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env("NO_COLOR", "1")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_list_json_piped_to_head_does_not_panic_on_the_broken_pipe() {
+    let s = Setup::start(&["v1", "v2"]).await;
+    let home = tempfile::tempdir().unwrap();
+    // A working-tree change, so that plan has a long report to print.
+    expect(0, &s.dw(&["route", "set", "barker", "v1=90", "v2=10"]));
+    // Every command that prints; apply and rollback stop at their first line.
+    let commands: [&[&str]; 10] = [
+        &["route", "list", "--json"],
+        &["route", "list"],
+        &["status"],
+        &["status", "--json"],
+        &["plan"],
+        &["plan", "--json"],
+        &["route", "set", "barker", "v1=80", "v2=20"],
+        &["config", "set", "directory", "127.0.0.1:7575"],
+        &["apply", "-m", "barker: canary v2 at 20%"],
+        &["rollback"],
+    ];
+    for args in commands {
+        let (code, stderr) = dw_into_a_closed_pipe(&s, home.path(), args);
+        assert!(!stderr.contains("panicked"), "dw {args:?} panicked on the closed pipe:\n{stderr}");
+        assert_eq!((code, stderr.as_str()), (Some(0), ""), "dw {args:?} ends quietly with success");
+    }
+}
+
+/// A directory following `repo`, with no sherlock; stopped on drop.
+async fn lone_directory(dir: &Path, repo: &RoutesRepo, commit: git2::Oid) -> (String, Proc) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let directory = Proc::start(dir, "directory", &["--listen", &listen, "--repo", &repo.url(), "--poll", "1h"]);
+    let url = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    let status = format!("{url}/v1/status");
+    let want = commit.to_string();
+    eventually(std::time::Duration::from_secs(15), "the directory to serve the first commit", async || {
+        let status: serde_json::Value = http.get(&status).send().await.ok()?.json().await.ok()?;
+        (status["commit"] == want.as_str()).then_some(())
+    })
+    .await;
+    (url, directory)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_with_no_sherlock_subscribed_does_not_report_success() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = RoutesRepo::new(tmp.path());
+    let initial = repo.commit(&[("routes/barker.yaml", BARKER)], "initial routes");
+    let (url, _directory) = lone_directory(tmp.path(), &repo, initial).await;
+    let dw = |args: &[&str]| run_dw(&[&["-d", url.as_str()], args].concat(), Some(&repo.work));
+
+    expect(0, &dw(&["route", "set", "barker", "v1=90", "v2=10"]));
+    let run = dw(&["apply", "--timeout", "1s"]);
+    expect(1, &run);
+    assert!(run.1.contains("Pushed to origin/main"), "{}", run.1);
+    assert!(!run.1.contains("sherlocks applied it"), "no success line: {}", run.1);
+    assert!(run.2.contains("timed out") && run.2.contains("no sherlock is subscribed"), "says why: {}", run.2);
+    // The directory does serve it: only the claim of convergence is refused.
+    let head = repo.repo.head().unwrap().peel_to_commit().unwrap().id();
+    let status: serde_json::Value = reqwest::get(format!("{url}/v1/status")).await.unwrap().json().await.unwrap();
+    assert_eq!(status["commit"], head.to_string(), "{status}");
+}

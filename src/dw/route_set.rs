@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::workspace::Workspace;
 use super::{assign, edit};
-use super::{Context, Failure};
+use super::{output, Context, Failure};
 use crate::model::{ServiceName, Version};
 use crate::routes::ClientName;
 
@@ -47,8 +47,10 @@ pub fn set(
     let ws = Workspace::open(repo, routes_dir)?;
     let path = write_weights(&ws, &service, client.as_ref(), &weights)?;
     let whose = client.map(|c| format!(" for client {c}")).unwrap_or_default();
-    println!("{path}: {service}{whose} set to {}. Review with `dw plan`, then `dw apply`.", describe(&weights));
-    Ok(())
+    output::line(format_args!(
+        "{path}: {service}{whose} set to {}. Review with `dw plan`, then `dw apply`.",
+        describe(&weights)
+    ))
 }
 
 /// `dw route add SOURCE TARGET PERCENT`, the original dstack form.
@@ -84,6 +86,8 @@ pub async fn add(
     let weights = assign::add_share(current, &live, &version, percent).map_err(Failure::error)?;
     let path = write_weights(&ws, &service, client.as_ref(), &weights)?;
     let whose = client.map(|c| format!(" for client {c}")).unwrap_or_default();
-    println!("{path}: {service}{whose} set to {}. Review with `dw plan`, then `dw apply`.", describe(&weights));
-    Ok(())
+    output::line(format_args!(
+        "{path}: {service}{whose} set to {}. Review with `dw plan`, then `dw apply`.",
+        describe(&weights)
+    ))
 }

@@ -589,3 +589,96 @@ async fn apply_with_no_sherlock_subscribed_does_not_report_success() {
     let status: serde_json::Value = reqwest::get(format!("{url}/v1/status")).await.unwrap().json().await.unwrap();
     assert_eq!(status["commit"], head.to_string(), "{status}");
 }
+
+/// Runs dw in `cwd` with exactly the given environment for its defaults:
+/// HOME and XDG_CONFIG_HOME under `home`, and DSTACK_DIRECTORY when given.
+fn dw_with_env(cwd: &Path, home: &Path, env_directory: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin("dw"));
+    cmd.args(args)
+        .current_dir(cwd)
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("xdg"))
+        .env_remove("DSTACK_DIRECTORY")
+        .env("NO_COLOR", "1");
+    if let Some(directory) = env_directory {
+        cmd.env("DSTACK_DIRECTORY", directory);
+    }
+    let out = cmd.output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dw_takes_its_directory_from_d_then_dstack_directory_then_its_config_file() {
+    let s = Setup::start(&["v1"]).await;
+    let home = tempfile::tempdir().unwrap();
+    let live = s.cluster.directory_url();
+    // Nothing listens here: a run that picks it fails naming it.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let config = home.path().join("xdg/dstack/dw.yaml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    let write_config = |directory: &str| std::fs::write(&config, format!("directory: {directory}\n")).unwrap();
+    let lists_barker = |run: &(i32, String, String)| {
+        expect(0, run);
+        assert!(run.1.lines().any(|l| l.starts_with("barker") && l.contains("100.0%")), "{}", run.1);
+    };
+    let used_dead = |run: &(i32, String, String)| {
+        expect(1, run);
+        assert!(run.2.contains(&dead) && run.2.contains("unreachable"), "names {dead}: {}", run.2);
+    };
+    let dw = |env: Option<&str>, args: &[&str]| dw_with_env(&s.repo.work, home.path(), env, args);
+
+    // The config file alone.
+    write_config(&live);
+    lists_barker(&dw(None, &["route", "list"]));
+    write_config(&dead);
+    used_dead(&dw(None, &["route", "list"]));
+    // DSTACK_DIRECTORY beats the config file, both ways round.
+    lists_barker(&dw(Some(&live), &["route", "list"]));
+    write_config(&live);
+    used_dead(&dw(Some(&dead), &["route", "list"]));
+    // -d beats both, both ways round.
+    write_config(&dead);
+    lists_barker(&dw(Some(&dead), &["-d", &live, "route", "list"]));
+    write_config(&live);
+    used_dead(&dw(Some(&live), &["-d", &dead, "route", "list"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_of_a_commit_that_is_not_the_newest_reverts_only_that_commit() {
+    let s = Setup::start(&["v1", "v2"]).await;
+    let canary = s.repo.commit(&[("routes/barker.yaml", CANARY)], "barker: canary v2 at 10%");
+    let emitter = "# the pipeline's source\nemitter: {v1: 50, v2: 50}\n";
+    let newest = s.repo.commit(&[("routes/emitter.yaml", emitter)], "emitter: v2 at half");
+    s.reconcile().await;
+    s.cluster.wait_for_commit(newest).await;
+
+    let run = s.dw(&["rollback", &canary.to_string()]);
+    expect(0, &run);
+    assert!(run.1.contains(&format!("Reverted {}", short(canary))), "{}", run.1);
+    let revert = s.remote_head();
+    assert_eq!(s.local_head(), revert);
+    let message = s.remote_message();
+    assert!(message.starts_with("Revert \"barker: canary v2 at 10%\""), "{message}");
+    assert!(message.contains(&format!("This reverts commit {canary}.")), "{message}");
+
+    // Exactly that commit's change is undone, on top of the newest.
+    let repo = &s.repo.repo;
+    let commit = repo.find_commit(revert).unwrap();
+    assert_eq!(commit.parent_ids().collect::<Vec<_>>(), [newest]);
+    let diff =
+        repo.diff_tree_to_tree(Some(&commit.parent(0).unwrap().tree().unwrap()), Some(&commit.tree().unwrap()), None);
+    let changed: Vec<String> =
+        diff.unwrap().deltas().map(|d| d.new_file().path().unwrap().to_str().unwrap().to_string()).collect();
+    assert_eq!(changed, ["routes/barker.yaml"]);
+    assert_eq!(s.read("routes/barker.yaml"), BARKER);
+    assert_eq!(s.read("routes/emitter.yaml"), emitter, "the newer commit stays");
+
+    // ...and it is what the directory serves and the sherlock routes by.
+    let status = s.cluster.status().await;
+    assert_eq!(status["commit"], revert.to_string());
+    assert_eq!(status["desired"]["routes"]["barker"]["weights"], serde_json::json!({"v1": 100}), "{status}");
+    assert_eq!(status["desired"]["routes"]["emitter"]["weights"], serde_json::json!({"v1": 50, "v2": 50}), "{status}");
+    let (counts, errors) = s.cluster.tally("/barker/", 50).await;
+    assert_eq!((by_version(&counts).get("v1"), errors), (Some(&50), 0), "v2 must get nothing: {counts:?}");
+}

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::Failure;
+use super::{output, Failure};
 use crate::model::DirectoryAddr;
 
 const SYSTEM_CONFIG: &str = "/etc/datawire/dw.yaml";
@@ -55,6 +55,5 @@ pub fn set(key: &str, value: &str) -> Result<(), Failure> {
     }
     let text = serde_yaml::to_string(&doc).expect("a mapping serializes");
     std::fs::write(&path, text).map_err(|e| Failure::error(format!("writing {}: {e}", path.display())))?;
-    println!("directory = {value} ({addr}) written to {}", path.display());
-    Ok(())
+    output::line(format_args!("directory = {value} ({addr}) written to {}", path.display()))
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::workspace::{short, Workspace};
-use super::{Failure, Style};
+use super::{output, Failure, Style};
 use crate::directory::merge::{merge, Merged};
 use crate::model::{Heartbeat, InstanceId, ServiceName, Snapshot};
 use crate::protocol::Status;
@@ -342,11 +342,15 @@ pub async fn run(
         std::fs::write(path, text).map_err(|e| Failure::error(format!("writing --out {}: {e}", path.display())))?;
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&plan).expect("a plan serializes"));
+        output::line(serde_json::to_string_pretty(&plan).expect("a plan serializes"))?;
     } else {
-        print!("{}", print(&plan, &ctx.style));
+        output::text(print(&plan, &ctx.style))?;
         if let Some(path) = out {
-            println!("Saved the plan to {}; apply it with: dw apply {}", path.display(), path.display());
+            output::line(format_args!(
+                "Saved the plan to {}; apply it with: dw apply {}",
+                path.display(),
+                path.display()
+            ))?;
         }
     }
     Ok(if detailed && plan.has_changes() { 2 } else { 0 })

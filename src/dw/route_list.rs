@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use super::{Context, Failure, Style};
+use super::{output, Context, Failure, Style};
 use crate::model::{ServiceName, Snapshot, Version};
 use crate::protocol::{InstanceStatus, Status};
 
@@ -27,9 +27,9 @@ pub async fn run(ctx: &Context, json: bool) -> Result<(), Failure> {
         ctx.client.snapshot(Default::default(), std::time::Duration::ZERO, None).await.map_err(Failure::error)?;
     let rows = rows(&status, &snapshot);
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialize"));
+        output::line(serde_json::to_string_pretty(&rows).expect("rows serialize"))?;
     } else {
-        print!("{}", table(&rows, &snapshot, &ctx.style));
+        output::text(table(&rows, &snapshot, &ctx.style))?;
     }
     Ok(())
 }

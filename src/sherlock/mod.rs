@@ -124,3 +124,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// Regression: a span guard held across `.await` made sherlock's future
+    /// `!Send`, so it could not be spawned on a multi-threaded runtime.
+    #[test]
+    fn the_run_future_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let config = super::config::resolve(
+            super::config::Args { directories: vec!["d".into()], ..Default::default() },
+            None,
+            "h",
+        )
+        .unwrap();
+        let future = super::run(config, tokio_util::sync::CancellationToken::new());
+        assert_send(&future);
+    }
+}

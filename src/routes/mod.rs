@@ -1,7 +1,7 @@
 //! Routes: the desired traffic split, read from YAML files in the routes repo.
 //!
 //! A routes file maps each service to the share of traffic every version of
-//! it should get (see DESIGN.md, "The GitOps model"):
+//! it should get (README.md, "Routes in git"):
 //!
 //! ```yaml
 //! barker:            # short form: version -> weight

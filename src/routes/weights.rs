@@ -2,7 +2,7 @@
 //! weight per instance. Pure functions: the directory calls them for every
 //! snapshot, `dw route list` for display.
 //!
-//! The rules (DESIGN.md, "The GitOps model"):
+//! The rules (README.md, "Routes in git"):
 //! - no route: every instance gets weight 1, an equal split;
 //! - a live version the route does not list gets 0 (a staged canary), and so
 //!   does a version listed with weight 0;

@@ -74,14 +74,13 @@ impl Plan {
 
 /// A stable digest of a set of files (FNV-1a): enough to notice an edit.
 pub fn digest(files: &[(String, String)]) -> String {
-    let mut hash: u64 = 0xcbf29ce484222325;
+    let mut hash = crate::fnv::Fnv::default();
     for (path, text) in files {
-        for b in path.bytes().chain([0]).chain(text.bytes()).chain([0]) {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x100000001b3);
+        for part in [path.as_bytes(), &[0], text.as_bytes(), &[0]] {
+            hash.write(part);
         }
     }
-    format!("{hash:016x}")
+    format!("{:016x}", hash.finish())
 }
 
 /// Parses the working tree's routes; broken YAML is an error naming file,

@@ -4,8 +4,14 @@
 //! Input arrives through the extractors below, whose every rejection is the
 //! same JSON `{"error": ...}` as any other refusal (the body limit's 413
 //! included); one middleware counts every 4xx. Handlers hold only logic.
+//!
+//! Every handler takes an [`Allowed`] (or, for the webhook, a
+//! [`ReconcileAllowed`]) first: it authenticates the caller (401) and asks
+//! [`Caller::check`], the one place that decides, whether the caller's
+//! role allows the endpoint (403).
 
 use std::fmt::Write as _;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,6 +27,7 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
+use super::auth::{Action, Caller, Denied, Unauthenticated};
 use super::Directory;
 use crate::model::{Heartbeat, InstanceId, Snapshot, SnapshotId};
 use crate::prometheus::{Exposition, CONTENT_TYPE};
@@ -28,6 +35,9 @@ use crate::protocol::{ErrorBody, InstanceStatus, RoutesStatus, SnapshotQuery, St
 
 /// Heartbeats are tiny; anything larger is a mistake or an attack.
 const MAX_BODY: usize = 64 * 1024;
+/// A git host's push event lists the commits pushed; the webhook's body is
+/// read whole to check its signature.
+const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 const MIN_TTL_MS: u64 = 100;
 
 /// Every way a request can fail. Internal details are logged, never sent.
@@ -39,8 +49,14 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("the request body is larger than {MAX_BODY} bytes")]
-    TooLarge,
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// No valid token (or webhook signature).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token whose role or services do not allow the request.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Unavailable(String),
 }
@@ -51,10 +67,29 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         };
-        (status, Json(ErrorBody { error: self.to_string() })).into_response()
+        let mut resp = (status, Json(ErrorBody { error: self.to_string() })).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: a 401 says which scheme would do.
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> ApiError {
+        ApiError::Forbidden(denied.0)
+    }
+}
+
+impl From<Unauthenticated> for ApiError {
+    fn from(refused: Unauthenticated) -> ApiError {
+        ApiError::Unauthorized(refused.0)
     }
 }
 
@@ -85,7 +120,7 @@ impl<S: Send + Sync, T: Body> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(MAX_BODY),
             _ => ApiError::BadRequest(format!("cannot read the request body: {}", e.body_text())),
         })?;
         serde_json::from_slice(&bytes)
@@ -121,12 +156,99 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     }
 }
 
+/// What an endpoint needs of its caller: one [`Action`], checked by
+/// [`Allowed`] before anything else of the request is read.
+pub trait Need {
+    const ACTION: Action<'static>;
+}
+
+/// `/v1/status`, `/v1/instances`, `/metrics`, `/`.
+pub struct ReadAccess;
+impl Need for ReadAccess {
+    const ACTION: Action<'static> = Action::Read;
+}
+
+/// `GET /v1/snapshot`.
+pub struct SubscribeAccess;
+impl Need for SubscribeAccess {
+    const ACTION: Action<'static> = Action::Subscribe;
+}
+
+/// `PUT` and `DELETE /v1/instances/{id}`; the service is checked once known.
+pub struct WriteAccess;
+impl Need for WriteAccess {
+    const ACTION: Action<'static> = Action::Write;
+}
+
+/// The caller, authenticated from `Authorization: Bearer TOKEN` (401
+/// otherwise) and allowed `N::ACTION` (403 otherwise).
+pub struct Allowed<N>(pub Caller, PhantomData<N>);
+
+fn authenticate(parts: &Parts, directory: &Directory) -> Result<Caller, ApiError> {
+    let header = parts.headers.get(header::AUTHORIZATION).map(|h| h.as_bytes());
+    Ok(directory.auth.authenticate(header)?)
+}
+
+impl<N: Need> FromRequestParts<Arc<Directory>> for Allowed<N> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, directory: &Arc<Directory>) -> Result<Self, ApiError> {
+        let caller = authenticate(parts, directory)?;
+        caller.check(N::ACTION)?;
+        Ok(Allowed(caller, PhantomData))
+    }
+}
+
+/// `POST /v1/reconcile`'s caller: a webhook whose `X-Hub-Signature-256`
+/// checks against the raw body (when a signature is sent and a secret is
+/// set), else a token allowed to reconcile.
+pub struct ReconcileAllowed(pub Caller);
+
+const SIGNATURE_HEADER: &str = "x-hub-signature-256";
+
+impl FromRequest<Arc<Directory>> for ReconcileAllowed {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, directory: &Arc<Directory>) -> Result<Self, ApiError> {
+        let signature = req.headers().get(SIGNATURE_HEADER).cloned();
+        match signature {
+            Some(signature) if directory.auth.has_webhook_secret() => {
+                let body = Bytes::from_request(req, directory).await.map_err(|e| match e.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(MAX_WEBHOOK_BODY),
+                    _ => ApiError::BadRequest(format!("cannot read the request body: {}", e.body_text())),
+                })?;
+                Ok(ReconcileAllowed(directory.auth.verify_webhook(signature.as_bytes(), &body)?))
+            }
+            _ => {
+                let (parts, _) = req.into_parts();
+                let caller = authenticate(&parts, directory).map_err(|e| match e {
+                    ApiError::Unauthorized(m) if directory.auth.has_webhook_secret() => {
+                        ApiError::Unauthorized(format!("{m}, or sign the body (X-Hub-Signature-256)"))
+                    }
+                    other => other,
+                })?;
+                caller.check(Action::Reconcile)?;
+                Ok(ReconcileAllowed(caller))
+            }
+        }
+    }
+}
+
 /// Counts every refusal in one place, whichever extractor or handler made it.
 async fn count_refusals(State(directory): State<Arc<Directory>>, req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let resp = next.run(req).await;
-    if resp.status().is_client_error() {
+    let status = resp.status();
+    if status.is_client_error() {
         directory.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(status = %resp.status(), "refused a request");
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            directory.metrics.auth_refusals.fetch_add(1, Ordering::Relaxed);
+            // Who was refused shows in the caller's own error; here, which
+            // endpoint was tried, for an operator watching for intruders.
+            tracing::info!(%status, %method, %path, "refused by auth");
+        } else {
+            tracing::debug!(%status, "refused a request");
+        }
     }
     resp
 }
@@ -139,7 +261,7 @@ pub fn app(directory: Arc<Directory>) -> Router {
         .route("/v1/instances/{id}", put(put_instance).delete(delete_instance))
         .route("/v1/snapshot", get(get_snapshot))
         .route("/v1/status", get(get_status))
-        .route("/v1/reconcile", axum::routing::post(post_reconcile))
+        .route("/v1/reconcile", axum::routing::post(post_reconcile).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::NotFound("no such endpoint; see /v1/status, /v1/snapshot, /v1/instances/{id}".into())
@@ -151,6 +273,7 @@ pub fn app(directory: Arc<Directory>) -> Router {
 
 async fn put_instance(
     State(directory): State<Arc<Directory>>,
+    Allowed(caller, _): Allowed<WriteAccess>,
     PathId(id): PathId,
     JsonBody(heartbeat): JsonBody<Heartbeat>,
 ) -> Result<Json<WriteAck>, ApiError> {
@@ -161,19 +284,27 @@ async fn put_instance(
             heartbeat.ttl_ms
         )));
     }
-    Ok(Json(directory.heartbeat(id, heartbeat)))
+    caller.check(Action::Register(&heartbeat.service))?;
+    // The id may already be held by an instance of another service.
+    let ack = directory.heartbeat_if(id, heartbeat, |held| caller.check(Action::Register(held)))?;
+    Ok(Json(ack))
 }
 
-async fn delete_instance(State(directory): State<Arc<Directory>>, PathId(id): PathId) -> Json<WriteAck> {
-    Json(directory.deregister(&id))
+async fn delete_instance(
+    State(directory): State<Arc<Directory>>,
+    Allowed(caller, _): Allowed<WriteAccess>,
+    PathId(id): PathId,
+) -> Result<Json<WriteAck>, ApiError> {
+    Ok(Json(directory.deregister_if(&id, |held| caller.check(Action::Register(held)))?))
 }
 
-async fn list_instances(State(directory): State<Arc<Directory>>) -> Json<Vec<InstanceStatus>> {
+async fn list_instances(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> Json<Vec<InstanceStatus>> {
     Json(directory.instances())
 }
 
 async fn get_snapshot(
     State(directory): State<Arc<Directory>>,
+    Allowed(caller, _): Allowed<SubscribeAccess>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     QueryForm(query): QueryForm<SnapshotQuery>,
 ) -> Result<Json<Arc<Snapshot>>, ApiError> {
@@ -183,7 +314,8 @@ async fn get_snapshot(
             .map_err(|e| ApiError::BadRequest(format!("invalid wait {w:?}: {e}; expected a duration such as 30s")))?
             .min(MAX_WAIT),
     };
-    if let Some(name) = query.sherlock {
+    // A sherlock token's own name, whatever the query claims.
+    if let Some(name) = caller.sherlock_name(query.sherlock)? {
         let name = name.parse::<InstanceId>().map_err(|_| {
             ApiError::BadRequest(format!("invalid sherlock name {name:?}: 1 to 128 of A-Z a-z 0-9 . _ -"))
         })?;
@@ -233,7 +365,11 @@ fn status(directory: &Directory) -> Status {
 }
 
 /// The webhook: fetch now, answer with the commit in force afterwards.
-async fn post_reconcile(State(directory): State<Arc<Directory>>) -> Result<Json<RoutesStatus>, ApiError> {
+async fn post_reconcile(
+    State(directory): State<Arc<Directory>>,
+    ReconcileAllowed(caller): ReconcileAllowed,
+) -> Result<Json<RoutesStatus>, ApiError> {
+    tracing::debug!(caller = %caller.label(), "reconcile requested");
     let Some(tx) = directory.reconcile_sender() else {
         return Err(ApiError::Conflict("this directory follows no routes repo (start it with --repo)".into()));
     };
@@ -247,11 +383,11 @@ async fn post_reconcile(State(directory): State<Arc<Directory>>) -> Result<Json<
     }
 }
 
-async fn get_status(State(directory): State<Arc<Directory>>) -> Json<Status> {
+async fn get_status(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> Json<Status> {
     Json(status(&directory))
 }
 
-async fn index_page(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
+async fn index_page(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> impl IntoResponse {
     let s = status(&directory);
     let mut page = format!("dstack directory {} (snapshot {}, up {}s)\n\n", s.name, s.index, s.uptime_s);
     for i in &s.instances {
@@ -263,7 +399,7 @@ async fn index_page(State(directory): State<Arc<Directory>>) -> impl IntoRespons
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], page)
 }
 
-async fn metrics(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
+async fn metrics(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> impl IntoResponse {
     let m = &directory.metrics;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut out = Exposition::default();
@@ -276,6 +412,11 @@ async fn metrics(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
     out.counter("dstack_directory_expiries_total", "Instances expired for lack of heartbeats.", get(&m.expiries));
     out.counter("dstack_directory_snapshots_published_total", "Snapshots published.", get(&m.snapshots_published));
     out.counter("dstack_directory_bad_requests_total", "Requests refused with a 4xx.", get(&m.bad_requests));
+    out.counter(
+        "dstack_directory_auth_refusals_total",
+        "Requests refused for a missing or invalid token (401) or one outside its role (403).",
+        get(&m.auth_refusals),
+    );
     out.counter("dstack_directory_reconciles_total", "Reconciles of the routes repo.", get(&m.reconciles));
     out.counter(
         "dstack_directory_rejected_commits_total",
@@ -304,6 +445,8 @@ mod tests {
             state_dir: std::env::temp_dir(),
             repo: None,
             max_ttl: Duration::from_secs(10),
+            auth: crate::directory::AuthMode::Off { insecure: false },
+            webhook_secret_file: None,
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         let (directory, _) = Directory::new(config, shutdown.clone());

@@ -11,8 +11,9 @@ use serde::Deserialize;
 use crate::config_file::{self, FileError, Seconds};
 use crate::model::DirectoryAddr;
 
-/// The listen address when neither a flag nor the file gives one.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:7575";
+/// The listen address when neither a flag nor the file gives one: loopback,
+/// so a directory reachable from the network is always a choice.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7575";
 const DEFAULT_BRANCH: &str = "main";
 const DEFAULT_ROUTES_DIR: &str = "routes";
 const DEFAULT_POLL: Duration = Duration::from_secs(15);
@@ -30,7 +31,8 @@ pub struct Args {
     /// The address it is known by, e.g. //services/directory; shown in status.
     #[arg(short = 'a', long)]
     pub address: Option<String>,
-    /// Where the HTTP API listens [default: 0.0.0.0:7575].
+    /// Where the HTTP API listens; on an address other than loopback every
+    /// request needs a token [default: 127.0.0.1:7575].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Where the directory keeps its state (the routes mirror)
@@ -55,6 +57,19 @@ pub struct Args {
     /// snapshots `warming` for this long [default: 10s].
     #[arg(long, value_parser = config_file::parse_duration)]
     pub max_ttl: Option<Duration>,
+    /// The tokens and their roles (YAML, SHA-256 digests only); reloaded
+    /// on SIGHUP. Without it, a directory on a network address makes a
+    /// cluster token in STATE_DIR/token.
+    #[arg(long)]
+    pub auth_file: Option<PathBuf>,
+    /// Turns tokens off on a network address: anyone who reaches the port
+    /// may register, deregister and read everything.
+    #[arg(long)]
+    pub insecure: bool,
+    /// A file whose secret signs webhooks (GitHub's X-Hub-Signature-256)
+    /// to POST /v1/reconcile, instead of an operator token.
+    #[arg(long)]
+    pub webhook_secret_file: Option<PathBuf>,
     /// A YAML file with any of the settings above (flags win).
     #[arg(short = 'c', long)]
     pub config: Option<PathBuf>,
@@ -73,6 +88,9 @@ pub struct FileConfig {
     pub routes_dir: Option<String>,
     pub poll: Option<Seconds>,
     pub max_ttl: Option<Seconds>,
+    pub auth_file: Option<PathBuf>,
+    pub insecure: Option<bool>,
+    pub webhook_secret_file: Option<PathBuf>,
 }
 
 /// Where the desired state comes from.
@@ -87,6 +105,19 @@ pub struct RepoConfig {
     pub routes_dir: String,
     /// How often to fetch when nothing else asks.
     pub poll: Duration,
+}
+
+/// Who must show a token, decided from `--auth-file`, `--insecure` and
+/// whether the listen address is loopback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Tokens and roles from this auth file.
+    File(PathBuf),
+    /// A network address with no auth file: one token, made on first
+    /// start in `STATE_DIR/token`, that every client shows.
+    ClusterToken,
+    /// No tokens: loopback alone (`insecure: false`), or `--insecure`.
+    Off { insecure: bool },
 }
 
 /// Validated settings of one directory.
@@ -105,6 +136,10 @@ pub struct Config {
     /// The largest TTL a heartbeat may ask for; also how long a fresh
     /// directory marks its snapshots `warming`.
     pub max_ttl: Duration,
+    /// Who must show a token.
+    pub auth: AuthMode,
+    /// The secret that signs webhooks, if any.
+    pub webhook_secret_file: Option<PathBuf>,
 }
 
 /// A setting that was refused; the message names the flag or file key.
@@ -160,7 +195,20 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
             return Err(invalid(format!("--repo {:?}: not a git URL or path", repo.url)));
         }
     }
-    Ok(Config { name, address, listen, state_dir, repo, max_ttl })
+    let insecure = args.insecure || file.insecure.unwrap_or(false);
+    let auth = match (args.auth_file.or(file.auth_file), insecure) {
+        (Some(path), true) => {
+            return Err(invalid(format!(
+                "--insecure turns tokens off, but --auth-file {} gives tokens: drop one of them",
+                path.display()
+            )))
+        }
+        (Some(path), false) => AuthMode::File(path),
+        (None, false) if !listen.ip().is_loopback() => AuthMode::ClusterToken,
+        (None, insecure) => AuthMode::Off { insecure },
+    };
+    let webhook_secret_file = args.webhook_secret_file.or(file.webhook_secret_file);
+    Ok(Config { name, address, listen, state_dir, repo, max_ttl, auth, webhook_secret_file })
 }
 
 /// A folder inside the repo: relative, no `..`, no empty segment.
@@ -196,7 +244,8 @@ mod tests {
     fn defaults() {
         let c = resolve(args(&[]), None).unwrap();
         assert_eq!(c.name, "services");
-        assert_eq!(c.listen, "0.0.0.0:7575".parse().unwrap());
+        assert_eq!(c.listen, "127.0.0.1:7575".parse().unwrap());
+        assert_eq!(c.auth, AuthMode::Off { insecure: false }, "loopback alone needs no token (make demo)");
         assert_eq!(c.max_ttl, Duration::from_secs(10));
         assert!(c.repo.is_none());
         assert!(c.state_dir.ends_with("dstack-directory-7575"));
@@ -224,6 +273,32 @@ mod tests {
         assert_eq!(c.max_ttl, Duration::from_secs(5));
         let repo = c.repo.unwrap();
         assert_eq!((repo.url.as_str(), repo.branch.as_str(), repo.poll), ("/srv/r", "main", Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_network_address_needs_tokens_unless_told_otherwise() {
+        let auth = |flags: &[&str], yaml: Option<&str>| resolve(args(flags), yaml.map(file)).map(|c| c.auth);
+        assert_eq!(auth(&["--listen", "0.0.0.0:7575"], None).unwrap(), AuthMode::ClusterToken);
+        assert_eq!(auth(&["--listen", "10.0.0.5:7575"], None).unwrap(), AuthMode::ClusterToken);
+        assert_eq!(auth(&["--listen", "[::]:7575"], None).unwrap(), AuthMode::ClusterToken);
+        assert_eq!(auth(&["--listen", "127.0.0.2:7575"], None).unwrap(), AuthMode::Off { insecure: false });
+        assert_eq!(auth(&["--listen", "[::1]:7575"], None).unwrap(), AuthMode::Off { insecure: false });
+        assert_eq!(auth(&["--listen", "0.0.0.0:7575", "--insecure"], None).unwrap(), AuthMode::Off { insecure: true });
+        assert_eq!(
+            auth(&["--listen", "0.0.0.0:7575"], Some("insecure: true\n")).unwrap(),
+            AuthMode::Off { insecure: true }
+        );
+        // An auth file applies on loopback too; the flag beats the file.
+        assert_eq!(auth(&["--auth-file", "/a.yaml"], None).unwrap(), AuthMode::File("/a.yaml".into()));
+        assert_eq!(
+            auth(&["--auth-file", "/a.yaml"], Some("auth_file: /b.yaml\n")).unwrap(),
+            AuthMode::File("/a.yaml".into())
+        );
+        assert_eq!(auth(&[], Some("auth_file: /b.yaml\n")).unwrap(), AuthMode::File("/b.yaml".into()));
+        let err = auth(&["--auth-file", "/a.yaml", "--insecure"], None).unwrap_err().to_string();
+        assert!(err.contains("--insecure turns tokens off, but --auth-file /a.yaml gives tokens"), "{err}");
+        let c = resolve(args(&["--webhook-secret-file", "/s"]), Some(file("webhook_secret_file: /t\n"))).unwrap();
+        assert_eq!(c.webhook_secret_file, Some("/s".into()));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! snapshots that sherlocks follow with blocking queries.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod merge;
 pub mod publisher;
@@ -17,11 +18,12 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, RepoConfig};
+pub use config::{AuthMode, Config, RepoConfig};
 
-use crate::model::{Heartbeat, InstanceId, Snapshot, SnapshotId};
+use crate::model::{Heartbeat, InstanceId, ServiceName, Snapshot, SnapshotId};
 use crate::protocol::{InstanceStatus, Rejected, RoutesStatus, SherlockStatus, WriteAck};
 use crate::routes::RouteSet;
+use auth::Auth;
 use publisher::Schedule;
 use reconcile::Trigger;
 use registry::{Change, Registry};
@@ -50,6 +52,9 @@ pub struct Metrics {
     pub bad_requests: AtomicU64,
     pub reconciles: AtomicU64,
     pub rejected_commits: AtomicU64,
+    /// Refusals for a missing or wrong token (401) or role (403); also
+    /// counted in `bad_requests`.
+    pub auth_refusals: AtomicU64,
 }
 
 /// Mutable state, behind one std `Mutex`: every critical section is short
@@ -78,6 +83,8 @@ pub struct Directory {
     inner: Mutex<Inner>,
     snapshots: watch::Sender<Arc<Snapshot>>,
     pub metrics: Metrics,
+    /// Who may do what: tokens, roles, the webhook secret.
+    pub auth: Auth,
     /// Cancelled at shutdown so that blocking queries return at once.
     shutdown: CancellationToken,
     /// Wakes the reconciler (webhook, file watch); None without a repo.
@@ -90,6 +97,15 @@ impl Directory {
     /// A directory, and the receiving end of its reconcile triggers when it
     /// has a repo (for `reconcile::run`).
     pub fn new(config: Config, shutdown: CancellationToken) -> (Arc<Directory>, Option<mpsc::Receiver<Trigger>>) {
+        Self::new_with_auth(config, Auth::off(), shutdown)
+    }
+
+    /// A directory whose callers must satisfy `auth`.
+    pub fn new_with_auth(
+        config: Config,
+        auth: Auth,
+        shutdown: CancellationToken,
+    ) -> (Arc<Directory>, Option<mpsc::Receiver<Trigger>>) {
         let started_at = SystemTime::now();
         // Microseconds since 1970: larger on every restart, and exact in JSON.
         let epoch = started_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1);
@@ -117,6 +133,7 @@ impl Directory {
             inner: Mutex::new(Inner { routes_status, schedule, ..Inner::default() }),
             snapshots: watch::Sender::new(Arc::new(first)),
             metrics: Metrics::default(),
+            auth,
             shutdown,
             reconcile_tx: tx,
             wake: Notify::new(),
@@ -205,28 +222,56 @@ impl Directory {
     }
 
     pub fn heartbeat(&self, id: InstanceId, heartbeat: Heartbeat) -> WriteAck {
-        self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+        self.heartbeat_if(id, heartbeat, |_| Ok::<(), ()>(())).expect("nothing refuses")
+    }
+
+    /// A heartbeat from a caller who may touch some services only: refused
+    /// by `may` when the id is registered for another service (so a token
+    /// for `emitter` cannot take over a `barker` instance by its id).
+    /// Checked under the registry's lock, so no write slips in between.
+    pub fn heartbeat_if<E>(
+        &self,
+        id: InstanceId,
+        heartbeat: Heartbeat,
+        may: impl Fn(&ServiceName) -> Result<(), E>,
+    ) -> Result<WriteAck, E> {
         let now = Instant::now();
         let expires = now + Duration::from_millis(heartbeat.ttl_ms);
         let mut inner = self.inner.lock().unwrap();
+        if let Some(held) = inner.registry.get(&id) {
+            may(&held.heartbeat.service)?;
+        }
+        self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
         if inner.registry.heartbeat(id.clone(), heartbeat, now) == Change::Membership {
             tracing::info!(instance = %id, "registered");
             inner.schedule.expiry_at_most(expires);
             self.changed(&mut inner);
         }
-        self.ack(&inner, None)
+        Ok(self.ack(&inner, None))
     }
 
     /// Deregisters an instance; the answer says whether it was registered.
     pub fn deregister(&self, id: &InstanceId) -> WriteAck {
+        self.deregister_if(id, |_| Ok::<(), ()>(())).expect("nothing refuses")
+    }
+
+    /// Deregisters an instance if `may` allows its service.
+    pub fn deregister_if<E>(
+        &self,
+        id: &InstanceId,
+        may: impl Fn(&ServiceName) -> Result<(), E>,
+    ) -> Result<WriteAck, E> {
         let mut inner = self.inner.lock().unwrap();
+        if let Some(held) = inner.registry.get(id) {
+            may(&held.heartbeat.service)?;
+        }
         let removed = inner.registry.remove(id);
         if removed {
             self.metrics.deregistrations.fetch_add(1, Ordering::Relaxed);
             tracing::info!(instance = %id, "deregistered");
             self.changed(&mut inner);
         }
-        self.ack(&inner, Some(removed))
+        Ok(self.ack(&inner, Some(removed)))
     }
 
     /// The publisher's one pass at `now`: expire instances, end warming,
@@ -357,10 +402,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     use anyhow::Context;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
+    let auth = setup_auth(&config)?;
+    // Installed before serving: SIGHUP's default action would end the process.
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding --listen {}", config.listen))?;
-    let (directory, triggers) = Directory::new(config, shutdown.clone());
+    let (directory, triggers) = Directory::new_with_auth(config, auth, shutdown.clone());
     let reconciler = match (directory.config.repo.clone(), triggers) {
         (Some(repo), Some(triggers)) => {
             let mirror = directory.config.state_dir.join("routes.git");
@@ -372,6 +421,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!(addr = %listener.local_addr()?, name = %directory.config.name, "directory listening");
 
     let publisher = tokio::spawn(publish_loop(directory.clone(), shutdown.clone()));
+    let reloader = tokio::spawn({
+        let (directory, shutdown) = (directory.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    got = hangups.recv() => if got.is_none() { return },
+                }
+                match directory.auth.reload() {
+                    Ok(what) => tracing::info!(reloaded = %what, "SIGHUP: auth reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: auth reload failed; the tokens in force stay"),
+                }
+            }
+        }
+    });
 
     let app = api::app(directory);
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -379,8 +443,49 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .context("serving the HTTP API")?;
     publisher.await.ok();
+    reloader.await.ok();
     if let Some(r) = reconciler {
         r.await.ok();
     }
     Ok(())
+}
+
+/// The directory's keys from its settings, logged (never a token): an auth
+/// file, the cluster token (made on first start), or none.
+fn setup_auth(config: &Config) -> anyhow::Result<Auth> {
+    use anyhow::Context;
+    let auth = match &config.auth {
+        AuthMode::File(path) => {
+            let auth = Auth::from_file(path)?;
+            tracing::info!(auth_file = %path.display(), "tokens and roles from the auth file; SIGHUP reloads it");
+            auth
+        }
+        AuthMode::ClusterToken => {
+            let path = config.state_dir.join("token");
+            let (token, created) =
+                crate::secret::read_or_create(&path).context("the cluster token (no --auth-file was given)")?;
+            tracing::info!(
+                token_file = %path.display(),
+                created,
+                "every request needs the cluster token: give clients --token-file with a copy of this file"
+            );
+            Auth::cluster(&token)
+        }
+        AuthMode::Off { insecure: true } => {
+            tracing::warn!(
+                listen = %config.listen,
+                "--insecure: no token is asked for; anyone who reaches this address can register and \
+                 deregister instances, take their traffic and read everything"
+            );
+            Auth::off()
+        }
+        AuthMode::Off { insecure: false } => {
+            tracing::info!(listen = %config.listen, "no tokens: listening on loopback alone with no --auth-file");
+            Auth::off()
+        }
+    };
+    match &config.webhook_secret_file {
+        Some(path) => Ok(auth.with_webhook_secret(path).context("--webhook-secret-file")?),
+        None => Ok(auth),
+    }
 }

@@ -71,6 +71,10 @@ impl Registry {
         self.instances.values().map(Entry::expires_at).min()
     }
 
+    pub fn get(&self, id: &InstanceId) -> Option<&Entry> {
+        self.instances.get(id)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&InstanceId, &Entry)> {
         self.instances.iter()
     }

@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 
 use crate::model::{DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotId};
 use crate::protocol::{InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck};
+use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -38,6 +39,9 @@ pub struct DirectoryClient {
     /// Named in every error, so a log line says which directory failed.
     pub addr: DirectoryAddr,
     http: reqwest::Client,
+    /// `Bearer TOKEN`, sent with every request; marked sensitive, so that
+    /// no `Debug` shows it.
+    authorization: Option<reqwest::header::HeaderValue>,
 }
 
 impl DirectoryClient {
@@ -49,7 +53,18 @@ impl DirectoryClient {
             .user_agent(concat!("dstack/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a reqwest client with no TLS and no proxy settings always builds");
-        DirectoryClient { addr, http }
+        DirectoryClient { addr, http, authorization: None }
+    }
+
+    /// Sends `Authorization: Bearer TOKEN` with every request.
+    pub fn with_token(mut self, token: Option<&Secret>) -> DirectoryClient {
+        self.authorization = token.map(|t| {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", t.expose()))
+                .expect("a checked token is printable ASCII");
+            value.set_sensitive(true);
+            value
+        });
+        self
     }
 
     fn url(&self, path: &str) -> String {
@@ -57,6 +72,10 @@ impl DirectoryClient {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let req = match &self.authorization {
+            Some(value) => req.header(reqwest::header::AUTHORIZATION, value.clone()),
+            None => req,
+        };
         let resp = req.send().await.map_err(|source| ClientError::Unreachable { addr: self.addr.clone(), source })?;
         let status = resp.status();
         if !status.is_success() {
@@ -112,5 +131,19 @@ impl DirectoryClient {
 
     pub async fn instances(&self) -> Result<Vec<InstanceStatus>, ClientError> {
         self.send(self.http.get(self.url("/v1/instances"))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_never_shows_in_debug() {
+        let token = Secret::new("s3cret-token").unwrap();
+        let client =
+            DirectoryClient::new("127.0.0.1:1".parse().unwrap(), Duration::from_secs(1)).with_token(Some(&token));
+        let shown = format!("{client:?}");
+        assert!(shown.contains("127.0.0.1:1") && !shown.contains("s3cret"), "{shown}");
     }
 }

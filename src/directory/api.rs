@@ -434,10 +434,15 @@ mod tests {
     use crate::directory::Config;
     use axum::body::Body;
     use axum::http::Request;
+    use std::path::Path;
     use tower::ServiceExt;
 
     /// An app with its publisher running (ended with the test's runtime).
     fn app_for_test() -> (Router, Arc<Directory>) {
+        app_with_auth(crate::directory::auth::Auth::off())
+    }
+
+    fn app_with_auth(auth: crate::directory::auth::Auth) -> (Router, Arc<Directory>) {
         let config = Config {
             name: "test".into(),
             address: None,
@@ -449,13 +454,27 @@ mod tests {
             webhook_secret_file: None,
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let (directory, _) = Directory::new(config, shutdown.clone());
+        let (directory, _) = Directory::new_with_auth(config, auth, shutdown.clone());
         tokio::spawn(crate::directory::publish_loop(directory.clone(), shutdown));
         (app(directory.clone()), directory)
     }
 
     async fn call(app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::Value) {
-        let mut req = Request::builder().method(method).uri(uri).body(Body::from(body.to_string())).unwrap();
+        call_with(app, method, uri, body, &[]).await
+    }
+
+    async fn call_with(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let mut req = req.body(Body::from(body.to_string())).unwrap();
         req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 1))));
         let resp = app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
@@ -635,5 +654,175 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(snap["epoch"].as_u64(), Some(epoch));
+    }
+
+    mod with_tokens {
+        use super::*;
+        use crate::directory::auth::{Auth, AuthTable};
+        use sha2::Digest as _;
+
+        fn digest(token: &str) -> String {
+            crate::secret::hex(&sha2::Sha256::digest(token.as_bytes()))
+        }
+
+        fn auth() -> Auth {
+            let yaml = format!(
+                "tokens:\n\
+                 \x20 - {{name: vm101, role: watson, services: [emitter], sha256: {}}}\n\
+                 \x20 - {{name: vm201, role: watson, services: [\"barker*\"], sha256: {}}}\n\
+                 \x20 - {{name: main, role: sherlock, client: monolith, sha256: {}}}\n\
+                 \x20 - {{name: ops, role: operator, sha256: {}}}\n\
+                 \x20 - {{name: grafana, role: read, sha256: {}}}\n",
+                digest("w-emitter"),
+                digest("w-barker"),
+                digest("s-main"),
+                digest("op"),
+                digest("rd"),
+            );
+            Auth::from_table(Path::new("auth.yaml"), AuthTable::parse(Path::new("auth.yaml"), &yaml).unwrap())
+        }
+
+        async fn as_(token: &str, app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, String) {
+            let bearer = format!("Bearer {token}");
+            let (status, json) = call_with(app, method, uri, body, &[("authorization", &bearer)]).await;
+            (status, json["error"].as_str().unwrap_or_default().to_string())
+        }
+
+        const BARKER: &str =
+            r#"{"service":"barker","version":"v1","url":"http://127.0.0.1:9002/barker","ttl_ms":3000}"#;
+
+        #[tokio::test]
+        async fn every_endpoint_needs_a_token_and_every_refusal_is_json_and_counted() {
+            let (app, directory) = app_with_auth(auth());
+            let endpoints = [
+                ("GET", "/"),
+                ("GET", "/v1/status"),
+                ("GET", "/v1/instances"),
+                ("GET", "/metrics"),
+                ("GET", "/v1/snapshot?epoch=0&index=0"),
+                ("POST", "/v1/reconcile"),
+                ("PUT", "/v1/instances/e1"),
+                ("DELETE", "/v1/instances/e1"),
+            ];
+            for (method, uri) in endpoints {
+                let mut req = Request::builder().method(method).uri(uri).body(Body::from(GOOD)).unwrap();
+                req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 1))));
+                let resp = app.clone().oneshot(req).await.unwrap();
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{method} {uri}");
+                assert_eq!(resp.headers()[header::WWW_AUTHENTICATE], "Bearer");
+                let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+                let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                assert!(json["error"].as_str().unwrap().contains("requires a token"), "{json}");
+                let (status, error) = as_("not-a-token", &app, method, uri, GOOD).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri}");
+                assert!(error.contains("not valid") && !error.contains("not-a-token"), "{error}");
+            }
+            let refused = 2 * endpoints.len() as u64;
+            assert_eq!(directory.metrics.bad_requests.load(Ordering::Relaxed), refused);
+            assert_eq!(directory.metrics.auth_refusals.load(Ordering::Relaxed), refused);
+            assert_eq!(directory.instance_count(), 0);
+        }
+
+        #[tokio::test]
+        async fn a_watson_touches_its_own_services_only() {
+            let (app, directory) = app_with_auth(auth());
+            assert_eq!(as_("w-emitter", &app, "PUT", "/v1/instances/e1", GOOD).await.0, StatusCode::OK);
+            let (status, error) = as_("w-emitter", &app, "PUT", "/v1/instances/b1", BARKER).await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert_eq!(
+                error,
+                "token \"vm101\" may not register or deregister instances of service \"barker\": \
+                 its services are emitter"
+            );
+            assert_eq!(as_("w-barker", &app, "PUT", "/v1/instances/b1", BARKER).await.0, StatusCode::OK);
+            // Neither by the id of another service's instance: not a heartbeat
+            // that would move it, nor a deregistration.
+            let (status, error) = as_("w-emitter", &app, "PUT", "/v1/instances/b1", GOOD).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{error}");
+            assert!(error.contains("\"barker\""), "{error}");
+            let (status, error) = as_("w-emitter", &app, "DELETE", "/v1/instances/b1", "").await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{error}");
+            assert_eq!(directory.instance_count(), 2);
+            let instances = directory.instances();
+            assert_eq!(instances.iter().find(|i| i.id.as_str() == "b1").unwrap().service.as_str(), "barker");
+            // Nor read the directory's state.
+            let (status, error) = as_("w-emitter", &app, "GET", "/v1/status", "").await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert!(error.contains("has role watson") && error.contains("needs role operator or read"), "{error}");
+            let (status, body) = as_("w-emitter", &app, "DELETE", "/v1/instances/e1", "").await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(directory.instance_count(), 1);
+        }
+
+        #[tokio::test]
+        async fn roles_read_subscribe_and_reconcile() {
+            let (app, directory) = app_with_auth(auth());
+            let epoch = directory.epoch();
+            let snapshot = format!("/v1/snapshot?epoch={epoch}&index=0&sherlock=fake&applied_epoch={epoch}&applied=1");
+            // The sherlock is listed under its token's name, not the query's.
+            assert_eq!(as_("s-main", &app, "GET", &snapshot, "").await.0, StatusCode::OK);
+            let names: Vec<String> = directory.sherlocks().into_iter().map(|s| s.name).collect();
+            assert_eq!(names, ["main"]);
+            for (token, uri) in [("s-main", "/v1/status"), ("s-main", "/v1/instances"), ("rd", "/v1/snapshot")] {
+                let (status, error) = as_(token, &app, "GET", uri, "").await;
+                assert_eq!(status, StatusCode::FORBIDDEN, "{token} {uri}: {error}");
+            }
+            for uri in ["/", "/v1/status", "/v1/instances", "/metrics"] {
+                assert_eq!(as_("rd", &app, "GET", uri, "").await.0, StatusCode::OK, "{uri}");
+                assert_eq!(as_("op", &app, "GET", uri, "").await.0, StatusCode::OK, "{uri}");
+            }
+            // An operator may read snapshots but not report as a sherlock.
+            assert_eq!(as_("op", &app, "GET", "/v1/snapshot", "").await.0, StatusCode::OK);
+            let (status, error) = as_("op", &app, "GET", &snapshot, "").await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert!(error.contains("report as a sherlock") && error.contains("needs role sherlock"), "{error}");
+            let (status, error) = as_("rd", &app, "POST", "/v1/reconcile", "").await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert!(error.ends_with("needs role operator"), "{error}");
+            // Past auth: this directory has no repo.
+            assert_eq!(as_("op", &app, "POST", "/v1/reconcile", "").await.0, StatusCode::CONFLICT);
+            let (status, _) = as_("op", &app, "PUT", "/v1/instances/e1", GOOD).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "an operator registers nothing");
+        }
+
+        #[tokio::test]
+        async fn a_signed_webhook_may_reconcile() {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("webhook");
+            std::fs::write(&path, "hook-secret\n").unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            let (app, _) = app_with_auth(auth().with_webhook_secret(&path).unwrap());
+            // A push event can be far larger than a heartbeat.
+            let body = format!(r#"{{"ref":"refs/heads/main","pad":"{}"}}"#, "x".repeat(200 * 1024));
+            let sign = |body: &str| {
+                use hmac::Mac as _;
+                let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"hook-secret").unwrap();
+                mac.update(body.as_bytes());
+                format!("sha256={}", crate::secret::hex(&mac.finalize().into_bytes()))
+            };
+            let good = sign(&body);
+            let hook = |sig: &str| [("x-hub-signature-256", sig.to_string())];
+            let call_hook = |sig: String, body: String| {
+                let app = app.clone();
+                async move {
+                    let headers = hook(&sig);
+                    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    call_with(&app, "POST", "/v1/reconcile", &body, &h).await
+                }
+            };
+            // Past auth: this directory has no repo.
+            assert_eq!(call_hook(good.clone(), body.clone()).await.0, StatusCode::CONFLICT);
+            let (status, json) = call_hook(good.clone(), body.replace("main", "evil")).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert!(json["error"].as_str().unwrap().contains("does not match"), "{json}");
+            let (status, json) = call_hook("sha256=zz".into(), body.clone()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert!(json["error"].as_str().unwrap().contains("malformed"), "{json}");
+            let (status, json) = call(&app, "POST", "/v1/reconcile", &body).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert!(json["error"].as_str().unwrap().contains("or sign the body"), "{json}");
+            let huge = "x".repeat(MAX_WEBHOOK_BODY + 1);
+            assert_eq!(call_hook(sign(&huge), huge).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+        }
     }
 }

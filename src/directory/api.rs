@@ -763,19 +763,21 @@ mod tests {
             assert_eq!(as_("s-main", &app, "GET", &snapshot, "").await.0, StatusCode::OK);
             let names: Vec<String> = directory.sherlocks().into_iter().map(|s| s.name).collect();
             assert_eq!(names, ["main"]);
-            for (token, uri) in [("s-main", "/v1/status"), ("s-main", "/v1/instances"), ("rd", "/v1/snapshot")] {
+            for (token, uri) in [("s-main", "/v1/status"), ("s-main", "/v1/instances"), ("s-main", "/metrics")] {
                 let (status, error) = as_(token, &app, "GET", uri, "").await;
                 assert_eq!(status, StatusCode::FORBIDDEN, "{token} {uri}: {error}");
             }
-            for uri in ["/", "/v1/status", "/v1/instances", "/metrics"] {
+            for uri in ["/", "/v1/status", "/v1/instances", "/metrics", "/v1/snapshot"] {
                 assert_eq!(as_("rd", &app, "GET", uri, "").await.0, StatusCode::OK, "{uri}");
                 assert_eq!(as_("op", &app, "GET", uri, "").await.0, StatusCode::OK, "{uri}");
             }
-            // An operator may read snapshots but not report as a sherlock.
-            assert_eq!(as_("op", &app, "GET", "/v1/snapshot", "").await.0, StatusCode::OK);
-            let (status, error) = as_("op", &app, "GET", &snapshot, "").await;
-            assert_eq!(status, StatusCode::FORBIDDEN);
-            assert!(error.contains("report as a sherlock") && error.contains("needs role sherlock"), "{error}");
+            // Operators and readers may read snapshots but not report as a sherlock.
+            for token in ["op", "rd"] {
+                let (status, error) = as_(token, &app, "GET", &snapshot, "").await;
+                assert_eq!(status, StatusCode::FORBIDDEN);
+                assert!(error.contains("report as a sherlock") && error.contains("needs role sherlock"), "{error}");
+            }
+            assert_eq!(directory.sherlocks().len(), 1);
             let (status, error) = as_("rd", &app, "POST", "/v1/reconcile", "").await;
             assert_eq!(status, StatusCode::FORBIDDEN);
             assert!(error.ends_with("needs role operator"), "{error}");

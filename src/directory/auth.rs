@@ -34,7 +34,8 @@ pub enum Role {
     Sherlock,
     /// Everything `dw` needs: status, instances, snapshots, reconcile.
     Operator,
-    /// Status, instances, metrics and the status page.
+    /// Status, instances, metrics, the status page, and snapshots (which
+    /// hold what status shows), so that `dw status` and `dw route list` work.
     Read,
 }
 
@@ -72,7 +73,7 @@ impl Action<'_> {
     fn roles(&self) -> &'static [Role] {
         match self {
             Action::Read => &[Role::Operator, Role::Read],
-            Action::Subscribe => &[Role::Sherlock, Role::Operator],
+            Action::Subscribe => &[Role::Sherlock, Role::Operator, Role::Read],
             Action::Report => &[Role::Sherlock],
             Action::Reconcile => &[Role::Operator],
             Action::Write | Action::Register(_) => &[Role::Watson],
@@ -689,7 +690,7 @@ mod tests {
             ),
             ("sherlock-token", &[Subscribe, Report], &[Read, Reconcile, Write, Register(&emitter)]),
             ("operator-token", &[Read, Subscribe, Reconcile], &[Report, Write, Register(&emitter)]),
-            ("read-token", &[Read], &[Subscribe, Report, Reconcile, Write, Register(&emitter)]),
+            ("read-token", &[Read, Subscribe], &[Report, Reconcile, Write, Register(&emitter)]),
         ];
         for (token, may, may_not) in cases {
             let c = caller(token);

@@ -96,6 +96,12 @@ impl Proc {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits until its log holds `needle`; the log's text.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let what = format!("{:?} in {}'s log", needle, self.name);
+        eventually(timeout, &what, async || Some(self.log_text()).filter(|t| t.contains(needle))).await
+    }
 }
 
 impl Drop for Proc {

@@ -241,7 +241,9 @@ async fn each_role_may_do_its_part_and_no_more() {
 
     let emitter_hb = heartbeat("emitter", "http://127.0.0.1:1/emitter");
     let barker_hb = heartbeat("barker.internal", "http://127.0.0.1:1/barker");
-    let cases: &[(Option<&str>, &str, &str, Option<&Value>, u16, &str)] = &[
+    // (token, method, path, body, status wanted, part of the error wanted)
+    type Case<'a> = (Option<&'a str>, &'a str, &'a str, Option<&'a Value>, u16, &'a str);
+    let cases: &[Case] = &[
         (
             Some("vm101"),
             "PUT",

@@ -56,7 +56,7 @@ async fn reconcile_once(directory: &Directory, repo: &RepoConfig, mirror_path: &
     let fetched = tokio::task::spawn_blocking(move || fetch(&repo_c, &path))
         .await
         .map_err(|e| format!("fetch task failed: {e}"))?
-        .map_err(|e| e.to_string());
+        .map_err(|e| repo.url.scrub(&e.to_string()));
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {
@@ -130,7 +130,7 @@ pub async fn run(
 /// reconcile whenever a ref moves. The watcher lives as long as the guard.
 fn watch_local(repo: &RepoConfig, tx: Option<mpsc::Sender<Trigger>>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let git_dir = gitsync::local_git_dir(&repo.url)?;
+    let git_dir = gitsync::local_git_dir(repo.url.expose())?;
     let tx = tx?;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| !e.kind.is_access()) {

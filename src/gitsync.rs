@@ -1,11 +1,12 @@
-//! git2: the directory's mirror of the routes repo, and the commit, push and
-//! revert that `dw` makes in an operator's clone.
+//! git2: the directory's mirror of the routes repo, and the reads `dw`
+//! makes in an operator's clone (its commits, reverts and pushes run `git`
+//! itself; see `dw::workspace`).
 //!
 //! All of it is blocking (libgit2); async callers use `spawn_blocking`.
 
 use std::path::{Path, PathBuf};
 
-use git2::{Cred, CredentialType, FetchOptions, Oid, PushOptions, RemoteCallbacks, Repository};
+use git2::{Cred, CredentialType, FetchOptions, Oid, RemoteCallbacks, Repository};
 
 use crate::routes::{is_routes_file, RawFile};
 
@@ -204,29 +205,6 @@ pub fn local_git_dir(url: &str) -> Option<PathBuf> {
     let path = PathBuf::from(url);
     let repo = Repository::open(&path).ok()?;
     Some(repo.path().to_path_buf())
-}
-
-/// Pushes `branch` of `repo` to its remote `origin`.
-pub fn push(repo: &Repository, branch: &str) -> Result<(), GitError> {
-    let mut remote = repo.find_remote("origin").map_err(ctx("finding remote origin"))?;
-    let mut rejected: Option<String> = None;
-    {
-        let mut cb = callbacks();
-        cb.push_update_reference(|refname, status| {
-            if let Some(msg) = status {
-                rejected = Some(format!("{refname}: {msg}"));
-            }
-            Ok(())
-        });
-        let mut opts = PushOptions::new();
-        opts.remote_callbacks(cb);
-        let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
-        remote.push(&[&refspec], Some(&mut opts)).map_err(ctx(format!("pushing {branch} to origin")))?;
-    }
-    match rejected {
-        Some(why) => Err(GitError::Other(format!("the remote refused the push ({why}); pull first"))),
-        None => Ok(()),
-    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use git2::{Cred, CredentialType, FetchOptions, Oid, RemoteCallbacks, Repository};
 
-use crate::routes::{is_routes_file, RawFile};
+use crate::routes::{is_routes_file, read_bounded, RawFile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -180,18 +180,24 @@ pub fn routes_files(repo: &Repository, commit: Oid, routes_dir: &str) -> Result<
         Err(_) => None,
     };
     let Some(subtree) = subtree else { return Ok(Vec::new()) };
+    let odb = repo.odb().map_err(ctx("opening the object database"))?;
     let mut files = Vec::new();
     for entry in subtree.iter() {
         let Ok(name) = entry.name() else { continue };
         if !is_routes_file(name) || entry.kind() != Some(git2::ObjectType::Blob) {
             continue;
         }
-        let blob =
-            entry.to_object(repo).and_then(|o| o.peel_to_blob()).map_err(ctx(format!("reading {dir}/{name}")))?;
-        // Bytes, not text: `routes::read_files` refuses a file that is not UTF-8.
-        files.push((format!("{dir}/{name}"), blob.content().to_vec()));
+        // The size from the object header: an oversized blob is never loaded.
+        let (size, _) = odb.read_header(entry.id()).map_err(ctx(format!("reading {dir}/{name}")))?;
+        let content = read_bounded(size as u64, || {
+            let blob = entry.to_object(repo).and_then(|o| o.peel_to_blob())?;
+            // Bytes, not text: `routes::read_files` refuses a file that is not UTF-8.
+            Ok(blob.content().to_vec())
+        })
+        .map_err(ctx(format!("reading {dir}/{name}")))?;
+        files.push((format!("{dir}/{name}"), content));
     }
-    files.sort();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(files)
 }
 
@@ -210,6 +216,7 @@ pub fn local_git_dir(url: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routes::Content;
 
     /// Makes a commit of `files` on `branch` in a non-bare repo.
     fn commit(repo: &Repository, files: &[(&str, &str)], message: &str) -> Oid {
@@ -256,7 +263,7 @@ mod tests {
         let mirror = Mirror::open_or_clone(&url, &tmp.path().join("mirror"), "main").unwrap();
         assert_eq!(mirror.fetch().unwrap(), first);
         let files = mirror.routes_files(first, "routes").unwrap();
-        assert_eq!(files, vec![("routes/barker.yaml".to_string(), b"barker: {v1: 100}\n".to_vec())]);
+        assert_eq!(files, vec![("routes/barker.yaml".to_string(), Content::Bytes(b"barker: {v1: 100}\n".to_vec()))]);
 
         let second = commit(&origin, &[("routes/emitter.yml", "emitter: {v1: 100}\n")], "second");
         // Reopening finds the existing mirror and fetches the new commit.

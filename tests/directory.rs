@@ -85,9 +85,13 @@ async fn the_status_page_lists_instances_and_warnings_in_plain_text() {
         let resp = http.put(format!("{url}/v1/instances/{id}")).body(heartbeat("emitter", port, path)).send().await;
         assert_eq!(resp.unwrap().status(), 200);
     }
-    let status: serde_json::Value = http.get(format!("{url}/v1/status")).send().await.unwrap().json().await.unwrap();
+    // The second change may wait for the publish timer.
+    let status = eventually(Duration::from_secs(10), "the path warning in the snapshot", async || {
+        let status: serde_json::Value = http.get(format!("{url}/v1/status")).send().await.ok()?.json().await.ok()?;
+        (!status["warnings"].as_array()?.is_empty()).then_some(status)
+    })
+    .await;
     let warnings = status["warnings"].as_array().unwrap();
-    assert!(!warnings.is_empty(), "{status}");
 
     let resp = http.get(format!("{url}/")).send().await.unwrap();
     assert_eq!(resp.status(), 200);

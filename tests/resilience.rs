@@ -53,7 +53,9 @@ async fn a_restarted_directory_does_not_wipe_routes_while_it_warms() {
     let (_instances, mut watsons) = cluster.fleet("emitter", &["v1", "v1"]).await;
     cluster.wait_for_instances("emitter", 2).await;
     let port = cluster.sherlock_port;
-    let applied_before = cluster.sherlock_status(port).await["applied_index"].as_u64().unwrap();
+    // (epoch, index) once sherlock reports an epoch; the index alone before.
+    let applied = |status: &serde_json::Value| (status.get("applied_epoch").cloned(), status["applied_index"].as_u64());
+    let applied_before = applied(&cluster.sherlock_status(port).await);
 
     // The watsons die without deregistering, so nothing will ever refill
     // the restarted directory's registry: only warming can keep the routes.
@@ -65,8 +67,9 @@ async fn a_restarted_directory_does_not_wipe_routes_while_it_warms() {
     let snapshot_url = format!("{}/v1/snapshot", cluster.directory_url());
     let warming = eventually(Duration::from_secs(10), "sherlock to apply the warming snapshot", async || {
         let snapshot: serde_json::Value = http.get(&snapshot_url).send().await.ok()?.json().await.ok()?;
-        let applied = cluster.sherlock_status(port).await["applied_index"].as_u64()?;
-        (applied != applied_before && snapshot["index"].as_u64() == Some(applied)).then_some(snapshot)
+        let now = applied(&cluster.sherlock_status(port).await);
+        let served = (now.0.as_ref().and(snapshot.get("epoch").cloned()), snapshot["index"].as_u64());
+        (now != applied_before && now == served).then_some(snapshot)
     })
     .await;
     assert_eq!(warming["warming"], true, "the snapshot sherlock applied: {warming}");

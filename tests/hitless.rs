@@ -307,4 +307,9 @@ async fn a_drained_server_is_deleted_once_its_connections_end() {
     .await;
     assert_eq!(haproxy_servers(&run_dir, "svc_barker").len(), 1);
     assert!(cluster.sherlock.as_ref().unwrap().log_text().contains("drained server deleted"));
+    // Sherlock's status says so at once, not at the next apply.
+    eventually(Duration::from_secs(5), "sherlock to report nothing draining", async || {
+        (cluster.sherlock_status(port).await["draining"] == 0).then_some(())
+    })
+    .await;
 }

@@ -50,7 +50,7 @@ async fn round_robin_path_rewrite_and_route_list() {
         assert!(line.starts_with("emitter") && line.contains(" v1 ") && line.contains(" yes "), "{line}");
         assert!(line.contains("33.3%") && line.contains("s ago"), "{line}");
     }
-    // The address forms of DESIGN.md all reach the same directory.
+    // The address forms of the README (Command lines) all reach the same directory.
     let port = cluster.directory_port.to_string();
     for form in [format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}/")] {
         let (code, out, err) = run_dw(&["-d", &form, "route", "list"], None);

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::config_file::{self, FileError, Seconds};
+use crate::gitsync::RepoUrl;
 use crate::model::DirectoryAddr;
 
 /// The listen address when neither a flag nor the file gives one: loopback,
@@ -96,8 +97,8 @@ pub struct FileConfig {
 /// Where the desired state comes from.
 #[derive(Debug, Clone)]
 pub struct RepoConfig {
-    /// A URL git understands, or a local path.
-    pub url: String,
+    /// A URL git understands, or a local path; it shows without credentials.
+    pub url: RepoUrl,
     /// A valid git branch name.
     pub branch: String,
     /// The folder of routes files inside the repo, without slashes at
@@ -189,12 +190,13 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
     }
     let routes_dir = args.routes_dir.or(file.routes_dir).unwrap_or_else(|| DEFAULT_ROUTES_DIR.to_string());
     let routes_dir = check_routes_dir(&routes_dir)?;
-    let repo = args.repo.or(file.repo).map(|url| RepoConfig { url, branch, routes_dir, poll });
-    if let Some(repo) = &repo {
-        if repo.url.is_empty() || repo.url.contains(char::is_control) {
-            return Err(invalid(format!("--repo {:?}: not a git URL or path", repo.url)));
+    let repo = match args.repo.or(file.repo) {
+        Some(url) if url.is_empty() || url.contains(char::is_control) => {
+            return Err(invalid(format!("--repo {}: not a git URL or path", RepoUrl::new(&url))));
         }
-    }
+        Some(url) => Some(RepoConfig { url: RepoUrl::new(&url), branch, routes_dir, poll }),
+        None => None,
+    };
     let insecure = args.insecure || file.insecure.unwrap_or(false);
     let auth = match (args.auth_file.or(file.auth_file), insecure) {
         (Some(path), true) => {
@@ -262,7 +264,7 @@ mod tests {
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.max_ttl, Duration::from_secs(30));
         let repo = c.repo.unwrap();
-        assert_eq!((repo.url.as_str(), repo.branch.as_str(), repo.poll), ("/srv/r", "prod", Duration::from_secs(2)));
+        assert_eq!((repo.url.expose(), repo.branch.as_str(), repo.poll), ("/srv/r", "prod", Duration::from_secs(2)));
         let c = resolve(
             args(&["-n", "west", "--listen", "127.0.0.1:9100", "--branch", "main", "--poll", "1s", "--max-ttl", "5s"]),
             Some(f()),
@@ -272,7 +274,7 @@ mod tests {
         assert_eq!(c.listen.port(), 9100);
         assert_eq!(c.max_ttl, Duration::from_secs(5));
         let repo = c.repo.unwrap();
-        assert_eq!((repo.url.as_str(), repo.branch.as_str(), repo.poll), ("/srv/r", "main", Duration::from_secs(1)));
+        assert_eq!((repo.url.expose(), repo.branch.as_str(), repo.poll), ("/srv/r", "main", Duration::from_secs(1)));
     }
 
     #[test]

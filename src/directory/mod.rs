@@ -122,7 +122,7 @@ impl Directory {
         let routes_status = config
             .repo
             .as_ref()
-            .map(|r| RoutesStatus { repo: r.url.clone(), branch: r.branch.clone(), ..RoutesStatus::default() })
+            .map(|r| RoutesStatus { repo: r.url.to_string(), branch: r.branch.clone(), ..RoutesStatus::default() })
             .unwrap_or_default();
         let schedule =
             Schedule { warming_until: warming.then(|| Instant::now() + config.max_ttl), ..Schedule::default() };

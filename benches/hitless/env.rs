@@ -655,14 +655,28 @@ impl Target {
         Some(resp.text().await.unwrap())
     }
 
-    /// The counters of the proxy, HAProxy and `directory`.
+    /// The counters of the proxy, HAProxy and `directory`, once the proxy
+    /// and HAProxy agree on the reloads so far: a reload that HAProxy has
+    /// done and sherlock has not yet confirmed belongs to the run before.
     pub async fn counts(&self, directory: &DirectoryProc) -> Counts {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let counts = self.read_counts(directory).await;
+            // A lasting disagreement is a finding: the report shows it.
+            if counts.reloads == counts.haproxy_reloads || Instant::now() > deadline {
+                return counts;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn read_counts(&self, directory: &DirectoryProc) -> Counts {
         let published = counter(&directory.metrics().await, "dstack_directory_snapshots_published_total");
         match &self.proxy {
             Proxy::Sherlock(..) => {
                 let text = self.sherlock_metrics().await.unwrap();
                 let master = self.run_dir.join("master.sock");
-                let answer = socket_command(&master, "show proc").await.expect("HAProxy's master socket");
+                let answer = command_retried(&master, "show proc").await;
                 let proc = parse_show_proc(&answer).unwrap_or_else(|| panic!("unreadable `show proc`: {answer:?}"));
                 assert!(!proc.workers.is_empty(), "`show proc` lists no worker: {answer:?}");
                 Counts {
@@ -677,7 +691,7 @@ impl Target {
             }
             Proxy::Naive(naive) => {
                 let (snapshots, reloads, daemons) = naive.counts();
-                let answer = socket_command(&self.admin_socket, "show info").await.expect("HAProxy's admin socket");
+                let answer = command_retried(&self.admin_socket, "show info").await;
                 let pid = answer
                     .lines()
                     .find_map(|l| l.strip_prefix("Pid: "))
@@ -766,6 +780,21 @@ impl Target {
         while !haproxy_pids(&run_dir).is_empty() {
             assert!(Instant::now() < deadline, "HAProxy processes outlived their proxy: {:?}", haproxy_pids(&run_dir));
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A command on an HAProxy socket, retried for a few seconds while the
+/// socket is being rebound (the master re-executing for a reload, a new
+/// naive daemon taking over); no answer by then fails the benchmark.
+async fn command_retried(socket: &Path, command: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match socket_command(socket, command).await {
+            Ok(answer) if !answer.is_empty() => return answer,
+            Ok(_) if Instant::now() > deadline => panic!("no answer to `{command}` on {}", socket.display()),
+            Err(e) if Instant::now() > deadline => panic!("`{command}` on {}: {e}", socket.display()),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }

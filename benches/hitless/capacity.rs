@@ -218,6 +218,9 @@ struct AtScale {
     delta: Delta,
     /// sherlock's mean apply time in ms, from its histogram.
     apply_ms: Option<f64>,
+    /// The instances it registered, deregistered once every method has run:
+    /// a deregistration published late would be the next method's change.
+    ids: Vec<String>,
 }
 
 async fn propagation_at_scale(tmp: &Path, directory: &DirectoryProc, method: Method) -> AtScale {
@@ -248,10 +251,7 @@ async fn propagation_at_scale(tmp: &Path, directory: &DirectoryProc, method: Met
         _ => None,
     };
     target.stop().await;
-    for id in ids {
-        directory.delete(&id).await;
-    }
-    AtScale { method, latencies, delta, apply_ms }
+    AtScale { method, latencies, delta, apply_ms, ids }
 }
 
 const COLD_WINDOW: Duration = Duration::from_secs(15);
@@ -321,6 +321,9 @@ pub async fn run() -> String {
     for method in [Method::Runtime, Method::Naive] {
         eprintln!("capacity: propagation at full scale, {}", method.label());
         at_scale.push(propagation_at_scale(tmp.path(), &directory, method).await);
+    }
+    for id in at_scale.iter().flat_map(|r| &r.ids) {
+        directory.delete(id).await;
     }
     load.stop().await;
     drop(directory);

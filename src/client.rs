@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::directory::api::{InstanceStatus, Status};
-use crate::model::{DirectoryAddr, Heartbeat, InstanceId, Snapshot};
+use crate::model::{DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotId};
+use crate::protocol::{InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -35,6 +35,7 @@ impl ClientError {
 /// One directory, with its HTTP connection pool.
 #[derive(Debug, Clone)]
 pub struct DirectoryClient {
+    /// Named in every error, so a log line says which directory failed.
     pub addr: DirectoryAddr,
     http: reqwest::Client,
 }
@@ -52,7 +53,7 @@ impl DirectoryClient {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{}", self.addr.base, path)
+        format!("{}{}", self.addr.base(), path)
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
@@ -69,26 +70,33 @@ impl DirectoryClient {
         resp.json().await.map_err(|source| ClientError::Decode { addr: self.addr.clone(), source })
     }
 
-    pub async fn heartbeat(&self, id: &InstanceId, heartbeat: &Heartbeat) -> Result<(), ClientError> {
-        let _: serde_json::Value =
-            self.send(self.http.put(self.url(&format!("/v1/instances/{id}"))).json(heartbeat)).await?;
-        Ok(())
+    /// Registers or refreshes an instance; the answer names the first
+    /// snapshot that holds it.
+    pub async fn heartbeat(&self, id: &InstanceId, heartbeat: &Heartbeat) -> Result<WriteAck, ClientError> {
+        self.send(self.http.put(self.url(&format!("/v1/instances/{id}"))).json(heartbeat)).await
     }
 
-    pub async fn deregister(&self, id: &InstanceId) -> Result<(), ClientError> {
-        let _: serde_json::Value = self.send(self.http.delete(self.url(&format!("/v1/instances/{id}")))).await?;
-        Ok(())
+    pub async fn deregister(&self, id: &InstanceId) -> Result<WriteAck, ClientError> {
+        self.send(self.http.delete(self.url(&format!("/v1/instances/{id}")))).await
     }
 
-    /// A blocking query: returns when the snapshot's index is above `index`
-    /// or `wait` has passed. `me` names the asking sherlock and the index it
-    /// has applied.
-    pub async fn snapshot(&self, index: u64, wait: Duration, me: Option<(&str, u64)>) -> Result<Snapshot, ClientError> {
-        let mut query = vec![("index", index.to_string()), ("wait", format!("{}ms", wait.as_millis()))];
-        if let Some((name, applied)) = me {
-            query.push(("sherlock", name.to_string()));
-            query.push(("applied", applied.to_string()));
-        }
+    /// A blocking query: returns when the directory's snapshot differs from
+    /// `held` or `wait` has passed. `me` names the asking sherlock and the
+    /// snapshot it has applied.
+    pub async fn snapshot(
+        &self,
+        held: SnapshotId,
+        wait: Duration,
+        me: Option<(&str, SnapshotId)>,
+    ) -> Result<Snapshot, ClientError> {
+        let query = SnapshotQuery {
+            epoch: held.epoch,
+            index: held.index,
+            wait: Some(format!("{}ms", wait.as_millis())),
+            sherlock: me.map(|(name, _)| name.to_string()),
+            applied_epoch: me.map(|(_, applied)| applied.epoch),
+            applied: me.map(|(_, applied)| applied.index),
+        };
         let req = self.http.get(self.url("/v1/snapshot")).query(&query).timeout(wait + Duration::from_secs(10));
         self.send(req).await
     }
@@ -98,55 +106,11 @@ impl DirectoryClient {
     }
 
     /// `POST /v1/reconcile`: fetch the routes repo now.
-    pub async fn reconcile(&self) -> Result<crate::directory::reconcile::RoutesStatus, ClientError> {
+    pub async fn reconcile(&self) -> Result<RoutesStatus, ClientError> {
         self.send(self.http.post(self.url("/v1/reconcile")).timeout(Duration::from_secs(70))).await
     }
 
     pub async fn instances(&self) -> Result<Vec<InstanceStatus>, ClientError> {
         self.send(self.http.get(self.url("/v1/instances"))).await
-    }
-}
-
-/// Capped exponential backoff with full jitter, for every retry loop.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff { base, cap, attempt: 0 }
-    }
-
-    /// The next delay: uniform in [ceiling/2, ceiling] where the ceiling
-    /// doubles per failure up to the cap. The half floor keeps retries from
-    /// bunching at zero; the jitter keeps many clients from retrying in step.
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        let half = ceiling / 2;
-        half + half.mul_f64(rand::random::<f64>())
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(1)));
-        assert!(delays[7] >= Duration::from_millis(500));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

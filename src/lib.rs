@@ -5,13 +5,30 @@
 //! - [`sherlock`] follows the snapshot and drives a local HAProxy;
 //! - [`dw`] is the operator's CLI.
 //!
-//! The binaries in `src/bin/` only parse arguments and call `run` here.
+//! The binaries in `src/bin/` only parse arguments, resolve settings with
+//! the daemon's `config` module, and call its `run`.
+//!
+//! Layers, each using only those above it (ARCHITECTURE.md draws them):
+//!
+//! 1. [`model`]: names, versions, URLs, the heartbeat and the snapshot;
+//!    shared helpers with no domain ([`fnv`], [`backoff`], [`prometheus`],
+//!    [`config_file`]).
+//! 2. [`routes`]: the desired state, read and validated from YAML, and the
+//!    weight arithmetic; [`gitsync`] reads it from git.
+//! 3. [`protocol`]: the `/v1` wire types both sides speak.
+//! 4. [`client`]: the directory's client.
+//! 5. The daemons and the CLI: [`directory`], [`watson`], [`sherlock`], [`dw`].
 
+pub mod backoff;
 pub mod client;
+pub mod config_file;
 pub mod directory;
 pub mod dw;
+pub mod fnv;
 pub mod gitsync;
 pub mod model;
+pub mod prometheus;
+pub mod protocol;
 pub mod routes;
 pub mod sherlock;
 pub mod watson;

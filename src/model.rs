@@ -18,7 +18,7 @@ pub const DEFAULT_DIRECTORY_PORT: u16 = 7575;
 /// Why a name, version, URL or address was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
-    #[error("invalid service name {0:?}: a name is 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter (e.g. `emitter` or `//services/emitter`)")]
+    #[error("invalid service name {0:?}: a name is 1 to 63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter and not ending in '.' (e.g. `emitter`, `barker.internal` or `//services/emitter`)")]
     Service(String),
     #[error("invalid version {0:?}: a version is 1 to 32 characters of A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit (e.g. `v1`, `2`, `v2-canary`)")]
     Version(String),
@@ -36,7 +36,9 @@ fn is_lower_alpha(c: char) -> bool {
     c.is_ascii_lowercase()
 }
 
-/// A service's name: `^[a-z][a-z0-9_-]{0,62}$`.
+/// A service's name: `^[a-z][a-z0-9._-]{0,62}$`, not ending in a dot (the
+/// original dstack's `barker.internal`). Every character is safe in an
+/// HAProxy proxy name, a map key and a URL path.
 ///
 /// Parsing also accepts the dstack form `//services/emitter`, whose last path
 /// segment is the name.
@@ -60,7 +62,8 @@ impl FromStr for ServiceName {
         let mut chars = name.chars();
         let ok = name.len() <= 63
             && chars.next().is_some_and(is_lower_alpha)
-            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
+            && !name.ends_with('.');
         if ok {
             Ok(ServiceName(name.to_string()))
         } else {
@@ -119,14 +122,12 @@ impl InstanceId {
 
     /// The id watson gives an instance: readable, and stable across watson
     /// restarts because it derives from what the instance is.
+    ///
+    /// All 64 bits of the hash are kept: with 32, two of 10,000 instances of
+    /// one service would share an id about 1% of the time, and flap.
     pub fn derive(service: &ServiceName, version: &Version, url: &InstanceUrl) -> InstanceId {
-        // FNV-1a: tiny, stable across Rust releases (std's hasher is not).
-        let mut hash: u64 = 0xcbf29ce484222325;
-        for b in url.to_string().bytes() {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x100000001b3);
-        }
-        InstanceId(format!("{service}-{version}-{:08x}", hash as u32))
+        let hash = crate::fnv::Fnv::hash(url.to_string().as_bytes());
+        InstanceId(format!("{service}-{version}-{hash:016x}"))
     }
 }
 
@@ -148,13 +149,28 @@ impl FromStr for InstanceId {
 /// HAProxy rule verbatim.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct InstanceUrl {
-    pub host: String,
-    pub port: u16,
+    /// A DNS name or IPv4 address, lower case.
+    host: String,
+    port: u16,
     /// The path prefix that replaces `/<service>`; empty for the root.
-    pub path: String,
+    path: String,
 }
 
 impl InstanceUrl {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The path prefix that replaces `/<service>`: empty, or `/a/b` with no
+    /// trailing slash.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
     /// `host:port`, as HAProxy's `server` line wants it.
     pub fn authority(&self) -> String {
         format!("{}:{}", self.host, self.port)
@@ -266,7 +282,15 @@ impl<'de> Deserialize<'de> for InstanceUrl {
 /// `//host/directory`; the default port is 7575.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectoryAddr {
-    pub base: String,
+    /// `http://host:port`, no trailing slash.
+    base: String,
+}
+
+impl DirectoryAddr {
+    /// `http://host:port`: requests go to `base() + "/v1/..."`.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
 }
 
 impl fmt::Display for DirectoryAddr {
@@ -308,6 +332,48 @@ impl<'de> Deserialize<'de> for DirectoryAddr {
     }
 }
 
+/// The name a sherlock goes by when it asks for its own routes: `monolith`,
+/// or by default its host name (`main.example.com`).
+///
+/// `^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ClientName(String);
+
+impl ClientName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why a client name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid client name {0:?}: a client name is 1 to 63 characters of A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit (e.g. `monolith` or a host name)")]
+pub struct ClientNameError(pub String);
+
+impl FromStr for ClientName {
+    type Err = ClientNameError;
+    fn from_str(s: &str) -> Result<Self, ClientNameError> {
+        if is_label(s, 63) {
+            Ok(ClientName(s.to_string()))
+        } else {
+            Err(ClientNameError(s.to_string()))
+        }
+    }
+}
+
+impl fmt::Display for ClientName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ClientName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A heartbeat body: `PUT /v1/instances/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -339,7 +405,12 @@ pub struct ServiceBackends {
 /// What the directory serves: the merge of live instances and desired routes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
-    /// Increases by one every time the content changes.
+    /// The directory run that made it (its start time in microseconds since
+    /// the Unix epoch): a restarted directory counts indexes from 1 again,
+    /// so an index alone cannot tell an old snapshot from a new one.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Increases by one every time the content changes within one epoch.
     pub index: u64,
     /// The routes commit this snapshot was built from, if any repo is set.
     pub commit: Option<String>,
@@ -351,16 +422,35 @@ pub struct Snapshot {
     /// Per-client overrides (a route's `clients:` entries): a sherlock whose
     /// client name is listed uses these services in place of the defaults.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub clients: BTreeMap<crate::routes::ClientName, BTreeMap<ServiceName, ServiceBackends>>,
+    pub clients: BTreeMap<ClientName, BTreeMap<ServiceName, ServiceBackends>>,
     /// Things an operator should know (a version with no live instance...).
     #[serde(default)]
     pub warnings: Vec<String>,
 }
 
+/// Which snapshot: (epoch, index), ordered by epoch, then index. Every
+/// comparison of snapshots (sherlock's "is this new", `dw apply`'s "has
+/// every sherlock applied it") compares both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SnapshotId {
+    pub epoch: u64,
+    pub index: u64,
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.index, self.epoch)
+    }
+}
+
 impl Snapshot {
+    pub fn id(&self) -> SnapshotId {
+        SnapshotId { epoch: self.epoch, index: self.index }
+    }
+
     /// The snapshot as one client sees it: its own overrides in place of the
     /// service defaults, and no other client's.
-    pub fn for_client(&self, client: Option<&crate::routes::ClientName>) -> Snapshot {
+    pub fn for_client(&self, client: Option<&ClientName>) -> Snapshot {
         let mut view = Snapshot { clients: BTreeMap::new(), ..self.clone() };
         if let Some(overrides) = client.and_then(|c| self.clients.get(c)) {
             for (service, backends) in overrides {
@@ -380,11 +470,40 @@ mod tests {
         assert_eq!("emitter".parse::<ServiceName>().unwrap().as_str(), "emitter");
         assert_eq!("//services/emitter".parse::<ServiceName>().unwrap().as_str(), "emitter");
         assert_eq!("a-b_c9".parse::<ServiceName>().unwrap().as_str(), "a-b_c9");
-        for bad in ["", "Emitter", "9lives", "-x", "a b", "a;b", "a\nb", &"a".repeat(64), "//services/", "é"] {
+        // The original dstack's `localhost:8000/barker.internal`.
+        assert_eq!("barker.internal".parse::<ServiceName>().unwrap().as_str(), "barker.internal");
+        assert_eq!("//barker.internal".parse::<ServiceName>().unwrap().as_str(), "barker.internal");
+        for bad in [
+            "",
+            "Emitter",
+            "9lives",
+            "-x",
+            "a b",
+            "a;b",
+            "a\nb",
+            &"a".repeat(64),
+            "//services/",
+            "é",
+            "barker.",
+            ".x",
+            "a/b",
+        ] {
             let err = bad.parse::<ServiceName>().unwrap_err().to_string();
             assert!(err.contains("starting with a letter"), "{bad:?}: {err}");
         }
         assert!("a".repeat(63).parse::<ServiceName>().is_ok());
+    }
+
+    #[test]
+    fn client_names() {
+        for ok in ["monolith", "main.example.com", "a", "A-1_b", &"x".repeat(63)] {
+            assert_eq!(ok.parse::<ClientName>().unwrap().as_str(), ok);
+        }
+        for bad in ["", "-x", ".x", "a b", "a/b", "é", &"x".repeat(64)] {
+            let err = bad.parse::<ClientName>().unwrap_err().to_string();
+            assert!(err.contains("starting with a letter or digit"), "{bad:?}: {err}");
+        }
+        assert!(serde_json::from_str::<ClientName>("\"a b\"").is_err());
     }
 
     #[test]
@@ -409,14 +528,31 @@ mod tests {
         assert!(id.as_str().parse::<InstanceId>().is_ok());
         let other: InstanceUrl = "http://vm102/emitter".parse().unwrap();
         assert_ne!(id, InstanceId::derive(&s, &v, &other));
+        // The whole 64-bit hash: 16 hex digits.
+        assert_eq!(id.as_str(), format!("emitter-v1-{:016x}", crate::fnv::Fnv::hash(b"http://vm101/emitter")));
+    }
+
+    #[test]
+    fn derived_ids_of_ten_thousand_instances_do_not_collide() {
+        // With 32 bits of hash this collided about 1% of the time.
+        let s: ServiceName = "emitter".parse().unwrap();
+        let v = Version::default();
+        let ids: std::collections::HashSet<InstanceId> = (0..10_000u32)
+            .map(|n| {
+                let url: InstanceUrl =
+                    format!("http://10.{}.{}.{}:8080/e", n >> 16, (n >> 8) & 255, n & 255).parse().unwrap();
+                InstanceId::derive(&s, &v, &url)
+            })
+            .collect();
+        assert_eq!(ids.len(), 10_000);
     }
 
     #[test]
     fn instance_urls() {
         let u: InstanceUrl = "http://vm101/emitter".parse().unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("vm101", 80, "/emitter"));
+        assert_eq!((u.host(), u.port(), u.path()), ("vm101", 80, "/emitter"));
         let u: InstanceUrl = "http://127.0.0.1:9001/".parse().unwrap();
-        assert_eq!((u.port, u.path.as_str()), (9001, ""));
+        assert_eq!((u.port(), u.path()), (9001, ""));
         assert_eq!(u.to_string(), "http://127.0.0.1:9001");
         for bad in [
             "vm101/emitter",
@@ -447,7 +583,7 @@ mod tests {
             ("http://Services", "http://services:7575"),
         ];
         for (raw, want) in cases {
-            assert_eq!(raw.parse::<DirectoryAddr>().unwrap().base, want, "{raw}");
+            assert_eq!(raw.parse::<DirectoryAddr>().unwrap().base(), want, "{raw}");
         }
         for bad in ["", "ftp://x", "x:y", "http://x/y", "a b"] {
             assert!(bad.parse::<DirectoryAddr>().is_err(), "{bad}");

@@ -148,7 +148,7 @@ async fn route_set_plan_apply_and_rollback_move_live_traffic() {
     let applied = s.local_head();
     assert_ne!(applied, s.initial);
     assert_eq!(s.remote_head(), applied);
-    assert_eq!(s.remote_message(), "barker: canary v2 at 10%");
+    assert_eq!(s.remote_message().trim_end(), "barker: canary v2 at 10%", "git ends a message with a newline");
     assert!(run.1.contains(&short(applied)), "{}", run.1);
     let (counts, errors) = s.cluster.tally("/barker/", 500).await;
     let versions = by_version(&counts);
@@ -503,4 +503,182 @@ async fn rollback_reverts_a_merged_pull_request_against_its_first_parent() {
     expect(2, &run);
     assert!(run.2.contains("root commit"), "{}", run.2);
     assert_eq!(s.remote_head(), head);
+}
+
+/// Runs dw with stdout a pipe whose reader is already gone, as
+/// `dw route list --json | head -1` leaves it once head has its line;
+/// (exit code, stderr). HOME is `home`, so `config set` writes there.
+fn dw_into_a_closed_pipe(s: &Setup, home: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    // Closed before dw starts, so its first write meets the broken pipe.
+    drop(reader);
+    let directory = s.cluster.directory_url();
+    let out = Command::new(bin("dw"))
+        .args(["-d", &directory])
+        .args(args)
+        .current_dir(&s.repo.work)
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env("NO_COLOR", "1")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_list_json_piped_to_head_does_not_panic_on_the_broken_pipe() {
+    let s = Setup::start(&["v1", "v2"]).await;
+    let home = tempfile::tempdir().unwrap();
+    // A working-tree change, so that plan has a long report to print.
+    expect(0, &s.dw(&["route", "set", "barker", "v1=90", "v2=10"]));
+    // Every command that prints; apply and rollback stop at their first line.
+    let commands: [&[&str]; 10] = [
+        &["route", "list", "--json"],
+        &["route", "list"],
+        &["status"],
+        &["status", "--json"],
+        &["plan"],
+        &["plan", "--json"],
+        &["route", "set", "barker", "v1=80", "v2=20"],
+        &["config", "set", "directory", "127.0.0.1:7575"],
+        &["apply", "-m", "barker: canary v2 at 20%"],
+        &["rollback"],
+    ];
+    for args in commands {
+        let (code, stderr) = dw_into_a_closed_pipe(&s, home.path(), args);
+        assert!(!stderr.contains("panicked"), "dw {args:?} panicked on the closed pipe:\n{stderr}");
+        assert_eq!((code, stderr.as_str()), (Some(0), ""), "dw {args:?} ends quietly with success");
+    }
+}
+
+/// A directory following `repo`, with no sherlock; stopped on drop.
+async fn lone_directory(dir: &Path, repo: &RoutesRepo, commit: git2::Oid) -> (String, Proc) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let directory = Proc::start(dir, "directory", &["--listen", &listen, "--repo", &repo.url(), "--poll", "1h"]);
+    let url = format!("http://{listen}");
+    let http = reqwest::Client::new();
+    let status = format!("{url}/v1/status");
+    let want = commit.to_string();
+    eventually(std::time::Duration::from_secs(15), "the directory to serve the first commit", async || {
+        let status: serde_json::Value = http.get(&status).send().await.ok()?.json().await.ok()?;
+        (status["commit"] == want.as_str()).then_some(())
+    })
+    .await;
+    (url, directory)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_with_no_sherlock_subscribed_does_not_report_success() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = RoutesRepo::new(tmp.path());
+    let initial = repo.commit(&[("routes/barker.yaml", BARKER)], "initial routes");
+    let (url, _directory) = lone_directory(tmp.path(), &repo, initial).await;
+    let dw = |args: &[&str]| run_dw(&[&["-d", url.as_str()], args].concat(), Some(&repo.work));
+
+    expect(0, &dw(&["route", "set", "barker", "v1=90", "v2=10"]));
+    let run = dw(&["apply", "--timeout", "1s"]);
+    expect(1, &run);
+    assert!(run.1.contains("Pushed to origin/main"), "{}", run.1);
+    assert!(!run.1.contains("sherlocks applied it"), "no success line: {}", run.1);
+    assert!(run.2.contains("timed out") && run.2.contains("no sherlock is subscribed"), "says why: {}", run.2);
+    // The directory does serve it: only the claim of convergence is refused.
+    let head = repo.repo.head().unwrap().peel_to_commit().unwrap().id();
+    let status: serde_json::Value = reqwest::get(format!("{url}/v1/status")).await.unwrap().json().await.unwrap();
+    assert_eq!(status["commit"], head.to_string(), "{status}");
+}
+
+/// Runs dw in `cwd` with exactly the given environment for its defaults:
+/// HOME and XDG_CONFIG_HOME under `home`, and DSTACK_DIRECTORY when given.
+fn dw_with_env(cwd: &Path, home: &Path, env_directory: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin("dw"));
+    cmd.args(args)
+        .current_dir(cwd)
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("xdg"))
+        .env_remove("DSTACK_DIRECTORY")
+        .env("NO_COLOR", "1");
+    if let Some(directory) = env_directory {
+        cmd.env("DSTACK_DIRECTORY", directory);
+    }
+    let out = cmd.output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dw_takes_its_directory_from_d_then_dstack_directory_then_its_config_file() {
+    let s = Setup::start(&["v1"]).await;
+    let home = tempfile::tempdir().unwrap();
+    let live = s.cluster.directory_url();
+    // Nothing listens here: a run that picks it fails naming it.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let config = home.path().join("xdg/dstack/dw.yaml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    let write_config = |directory: &str| std::fs::write(&config, format!("directory: {directory}\n")).unwrap();
+    let lists_barker = |run: &(i32, String, String)| {
+        expect(0, run);
+        assert!(run.1.lines().any(|l| l.starts_with("barker") && l.contains("100.0%")), "{}", run.1);
+    };
+    let used_dead = |run: &(i32, String, String)| {
+        expect(1, run);
+        assert!(run.2.contains(&dead) && run.2.contains("unreachable"), "names {dead}: {}", run.2);
+    };
+    let dw = |env: Option<&str>, args: &[&str]| dw_with_env(&s.repo.work, home.path(), env, args);
+
+    // The config file alone.
+    write_config(&live);
+    lists_barker(&dw(None, &["route", "list"]));
+    write_config(&dead);
+    used_dead(&dw(None, &["route", "list"]));
+    // DSTACK_DIRECTORY beats the config file, both ways round.
+    lists_barker(&dw(Some(&live), &["route", "list"]));
+    write_config(&live);
+    used_dead(&dw(Some(&dead), &["route", "list"]));
+    // -d beats both, both ways round.
+    write_config(&dead);
+    lists_barker(&dw(Some(&dead), &["-d", &live, "route", "list"]));
+    write_config(&live);
+    used_dead(&dw(Some(&live), &["-d", &dead, "route", "list"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_of_a_commit_that_is_not_the_newest_reverts_only_that_commit() {
+    let s = Setup::start(&["v1", "v2"]).await;
+    let canary = s.repo.commit(&[("routes/barker.yaml", CANARY)], "barker: canary v2 at 10%");
+    let emitter = "# the pipeline's source\nemitter: {v1: 50, v2: 50}\n";
+    let newest = s.repo.commit(&[("routes/emitter.yaml", emitter)], "emitter: v2 at half");
+    s.reconcile().await;
+    s.cluster.wait_for_commit(newest).await;
+
+    let run = s.dw(&["rollback", &canary.to_string()]);
+    expect(0, &run);
+    assert!(run.1.contains(&format!("Reverted {}", short(canary))), "{}", run.1);
+    let revert = s.remote_head();
+    assert_eq!(s.local_head(), revert);
+    let message = s.remote_message();
+    assert!(message.starts_with("Revert \"barker: canary v2 at 10%\""), "{message}");
+    assert!(message.contains(&format!("This reverts commit {canary}.")), "{message}");
+
+    // Exactly that commit's change is undone, on top of the newest.
+    let repo = &s.repo.repo;
+    let commit = repo.find_commit(revert).unwrap();
+    assert_eq!(commit.parent_ids().collect::<Vec<_>>(), [newest]);
+    let diff =
+        repo.diff_tree_to_tree(Some(&commit.parent(0).unwrap().tree().unwrap()), Some(&commit.tree().unwrap()), None);
+    let changed: Vec<String> =
+        diff.unwrap().deltas().map(|d| d.new_file().path().unwrap().to_str().unwrap().to_string()).collect();
+    assert_eq!(changed, ["routes/barker.yaml"]);
+    assert_eq!(s.read("routes/barker.yaml"), BARKER);
+    assert_eq!(s.read("routes/emitter.yaml"), emitter, "the newer commit stays");
+
+    // ...and it is what the directory serves and the sherlock routes by.
+    let status = s.cluster.status().await;
+    assert_eq!(status["commit"], revert.to_string());
+    assert_eq!(status["desired"]["routes"]["barker"]["weights"], serde_json::json!({"v1": 100}), "{status}");
+    assert_eq!(status["desired"]["routes"]["emitter"]["weights"], serde_json::json!({"v1": 50, "v2": 50}), "{status}");
+    let (counts, errors) = s.cluster.tally("/barker/", 50).await;
+    assert_eq!((by_version(&counts).get("v1"), errors), (Some(&50), 0), "v2 must get nothing: {counts:?}");
 }

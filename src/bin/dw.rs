@@ -1,5 +1,7 @@
 //! `dw`: the operator's CLI. See `dstack::dw` for commands and exit codes.
 
+use std::io::Write as _;
+
 use clap::Parser;
 
 #[tokio::main]
@@ -8,7 +10,10 @@ async fn main() -> std::process::ExitCode {
     match dstack::dw::run(cli).await {
         Ok(code) => std::process::ExitCode::from(code as u8),
         Err(failure) => {
-            eprintln!("dw: {}", failure.message);
+            if !failure.is_quiet() {
+                // A closed stderr leaves nothing to report to.
+                let _ = writeln!(std::io::stderr(), "dw: {}", failure.message);
+            }
             std::process::ExitCode::from(failure.code as u8)
         }
     }

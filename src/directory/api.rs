@@ -1,32 +1,33 @@
 //! The directory's HTTP API (`/v1`), separate from `run` so that handlers
 //! are tested without a socket.
 //!
-//! Bodies and queries are parsed by hand rather than with axum's extractors
-//! so that every refusal is a JSON `{"error": ...}` with a 4xx status.
+//! Input arrives through the extractors below, whose every rejection is the
+//! same JSON `{"error": ...}` as any other refusal (the body limit's 413
+//! included); one middleware counts every 4xx. Handlers hold only logic.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
 
-use super::reconcile::RoutesStatus;
 use super::Directory;
-use crate::model::{Heartbeat, InstanceId, InstanceUrl, ServiceName, Snapshot, Version};
-use crate::routes::RouteSet;
+use crate::model::{Heartbeat, InstanceId, Snapshot, SnapshotId};
+use crate::prometheus::{Exposition, CONTENT_TYPE};
+use crate::protocol::{ErrorBody, InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck, MAX_WAIT};
 
 /// Heartbeats are tiny; anything larger is a mistake or an attack.
 const MAX_BODY: usize = 64 * 1024;
-/// The longest a blocking query may wait.
-const MAX_WAIT: Duration = Duration::from_secs(300);
 const MIN_TTL_MS: u64 = 100;
 
 /// Every way a request can fail. Internal details are logged, never sent.
@@ -38,6 +39,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("the request body is larger than {MAX_BODY} bytes")]
+    TooLarge,
     #[error("{0}")]
     Unavailable(String),
 }
@@ -48,51 +51,84 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
-        (status, Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        (status, Json(ErrorBody { error: self.to_string() })).into_response()
     }
 }
 
-/// One instance as `/v1/instances` and `/v1/status` list it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InstanceStatus {
-    pub id: InstanceId,
-    pub service: ServiceName,
-    pub version: Version,
-    pub url: InstanceUrl,
-    pub ttl_ms: u64,
-    /// Milliseconds since its last heartbeat.
-    pub last_heartbeat_ms: u64,
+/// A JSON body that names itself in errors ("invalid heartbeat body: ...").
+pub trait Body: DeserializeOwned {
+    const WHAT: &'static str;
 }
 
-/// One sherlock as `/v1/status` lists it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SherlockStatus {
-    pub name: String,
-    /// The snapshot index it has applied to its HAProxy.
-    pub applied: u64,
-    pub peer: String,
-    pub last_seen_ms: u64,
+impl Body for Heartbeat {
+    const WHAT: &'static str = "heartbeat";
 }
 
-/// `GET /v1/status`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub name: String,
-    pub address: Option<String>,
-    pub uptime_s: u64,
-    pub index: u64,
-    pub commit: Option<String>,
-    pub warming: bool,
-    pub warnings: Vec<String>,
-    pub instances: Vec<InstanceStatus>,
-    pub sherlocks: Vec<SherlockStatus>,
-    /// The routes repo: commit in force, rejected commit, fetch error.
-    pub routes: Option<RoutesStatus>,
-    /// The desired weights in force.
-    #[serde(default)]
-    pub desired: RouteSet,
+/// A query string that says what it expects in errors.
+pub trait Form: DeserializeOwned {
+    const EXPECTED: &'static str;
+}
+
+impl Form for SnapshotQuery {
+    const EXPECTED: &'static str = "epoch=E&index=N&wait=30s";
+}
+
+/// Extracts a JSON body of type `T` (any content type: watson's requests
+/// are the only writers and a missing header is no reason to refuse).
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: Body> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
+            _ => ApiError::BadRequest(format!("cannot read the request body: {}", e.body_text())),
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::BadRequest(format!("invalid {} body: {e}", T::WHAT)))
+    }
+}
+
+/// Extracts a query string of type `T`; unknown keys are refused.
+pub struct QueryForm<T>(pub T);
+
+impl<S: Send + Sync, T: Form> FromRequestParts<S> for QueryForm<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
+            .map(QueryForm)
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}; expected {}", T::EXPECTED)))
+    }
+}
+
+/// The `{id}` of `/v1/instances/{id}`, checked.
+pub struct PathId(pub InstanceId);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path(raw) = axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("invalid instance id: {}", e.body_text())))?;
+        raw.parse().map(PathId).map_err(|e: crate::model::NameError| ApiError::BadRequest(e.to_string()))
+    }
+}
+
+/// Counts every refusal in one place, whichever extractor or handler made it.
+async fn count_refusals(State(directory): State<Arc<Directory>>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    if resp.status().is_client_error() {
+        directory.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(status = %resp.status(), "refused a request");
+    }
+    resp
 }
 
 /// The router, given the directory it serves.
@@ -109,104 +145,60 @@ pub fn app(directory: Arc<Directory>) -> Router {
             ApiError::NotFound("no such endpoint; see /v1/status, /v1/snapshot, /v1/instances/{id}".into())
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(directory.clone(), count_refusals))
         .with_state(directory)
-}
-
-fn parse_id(raw: &str) -> Result<InstanceId, ApiError> {
-    raw.parse().map_err(|e: crate::model::NameError| ApiError::BadRequest(e.to_string()))
-}
-
-fn bad(directory: &Directory, err: ApiError) -> ApiError {
-    directory.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(error = %err, "refused a request");
-    err
 }
 
 async fn put_instance(
     State(directory): State<Arc<Directory>>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = parse_id(&id).map_err(|e| bad(&directory, e))?;
-    let heartbeat: Heartbeat = serde_json::from_slice(&body)
-        .map_err(|e| bad(&directory, ApiError::BadRequest(format!("invalid heartbeat body: {e}"))))?;
+    PathId(id): PathId,
+    JsonBody(heartbeat): JsonBody<Heartbeat>,
+) -> Result<Json<WriteAck>, ApiError> {
     let max_ttl_ms = directory.config.max_ttl.as_millis() as u64;
     if !(MIN_TTL_MS..=max_ttl_ms.max(MIN_TTL_MS)).contains(&heartbeat.ttl_ms) {
-        return Err(bad(
-            &directory,
-            ApiError::BadRequest(format!(
-                "ttl_ms {} is out of range: this directory accepts {MIN_TTL_MS}..={max_ttl_ms} (its --max-ttl)",
-                heartbeat.ttl_ms
-            )),
-        ));
+        return Err(ApiError::BadRequest(format!(
+            "ttl_ms {} is out of range: this directory accepts {MIN_TTL_MS}..={max_ttl_ms} (its --max-ttl)",
+            heartbeat.ttl_ms
+        )));
     }
-    directory.heartbeat(id, heartbeat);
-    Ok(Json(serde_json::json!({ "index": directory.snapshot().index })))
+    Ok(Json(directory.heartbeat(id, heartbeat)))
 }
 
-async fn delete_instance(
-    State(directory): State<Arc<Directory>>,
-    Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = parse_id(&id).map_err(|e| bad(&directory, e))?;
-    let removed = directory.deregister(&id);
-    Ok(Json(serde_json::json!({ "removed": removed, "index": directory.snapshot().index })))
+async fn delete_instance(State(directory): State<Arc<Directory>>, PathId(id): PathId) -> Json<WriteAck> {
+    Json(directory.deregister(&id))
 }
 
 async fn list_instances(State(directory): State<Arc<Directory>>) -> Json<Vec<InstanceStatus>> {
     Json(directory.instances())
 }
 
-/// The query of a blocking snapshot request.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SnapshotQuery {
-    /// Return once the snapshot's index is above this.
-    #[serde(default)]
-    index: u64,
-    /// How long to wait for that, e.g. `30s`.
-    wait: Option<String>,
-    /// The asking sherlock's name and the index it has applied, so that
-    /// `dw apply` can wait for convergence.
-    sherlock: Option<String>,
-    applied: Option<u64>,
-}
-
 async fn get_snapshot(
     State(directory): State<Arc<Directory>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    RawQuery(query): RawQuery,
+    QueryForm(query): QueryForm<SnapshotQuery>,
 ) -> Result<Json<Arc<Snapshot>>, ApiError> {
-    let query: SnapshotQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| bad(&directory, ApiError::BadRequest(format!("invalid query: {e}; expected index=N&wait=30s"))))?;
     let wait = match &query.wait {
         None => Duration::ZERO,
         Some(w) => humantime::parse_duration(w)
-            .map_err(|e| {
-                bad(
-                    &directory,
-                    ApiError::BadRequest(format!("invalid wait {w:?}: {e}; expected a duration such as 30s")),
-                )
-            })?
+            .map_err(|e| ApiError::BadRequest(format!("invalid wait {w:?}: {e}; expected a duration such as 30s")))?
             .min(MAX_WAIT),
     };
     if let Some(name) = query.sherlock {
         let name = name.parse::<InstanceId>().map_err(|_| {
-            bad(
-                &directory,
-                ApiError::BadRequest(format!("invalid sherlock name {name:?}: 1 to 128 of A-Z a-z 0-9 . _ -")),
-            )
+            ApiError::BadRequest(format!("invalid sherlock name {name:?}: 1 to 128 of A-Z a-z 0-9 . _ -"))
         })?;
-        directory.saw_sherlock(name.to_string(), query.applied.unwrap_or(0), peer);
+        let applied = SnapshotId { epoch: query.applied_epoch.unwrap_or(0), index: query.applied.unwrap_or(0) };
+        directory.saw_sherlock(name.to_string(), applied, peer);
     }
 
+    let held = SnapshotId { epoch: query.epoch, index: query.index };
     let mut rx = directory.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let current = rx.borrow_and_update().clone();
-        // A query for an index this directory has not reached means it has
-        // restarted since (indexes begin again at 1): answer at once.
-        if current.index != query.index || wait.is_zero() {
+        // Any difference answers at once: a snapshot of another epoch (a
+        // restarted directory, or another one) is news whatever its index.
+        if current.id() != held || wait.is_zero() {
             return Ok(Json(current));
         }
         tokio::select! {
@@ -226,8 +218,9 @@ fn status(directory: &Directory) -> Status {
     let (snapshot, desired, routes) = directory.in_force();
     Status {
         name: directory.config.name.clone(),
-        address: directory.config.address.clone(),
-        uptime_s: directory.started_at.elapsed().unwrap_or_default().as_secs(),
+        address: directory.config.address.as_ref().map(ToString::to_string),
+        uptime_s: directory.uptime().as_secs(),
+        epoch: snapshot.epoch,
         index: snapshot.index,
         commit: snapshot.commit.clone(),
         warming: snapshot.warming,
@@ -272,31 +265,26 @@ async fn index_page(State(directory): State<Arc<Directory>>) -> impl IntoRespons
 
 async fn metrics(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
     let m = &directory.metrics;
-    let snapshot = directory.snapshot();
-    let mut out = String::new();
-    let mut counter = |name: &str, help: &str, value: u64| {
-        let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n");
-    };
-    let counters: [(&str, &str, &AtomicU64); 7] = [
-        ("dstack_directory_heartbeats_total", "Heartbeats accepted.", &m.heartbeats),
-        ("dstack_directory_deregistrations_total", "Instances deregistered by their watson.", &m.deregistrations),
-        ("dstack_directory_expiries_total", "Instances expired for lack of heartbeats.", &m.expiries),
-        ("dstack_directory_snapshots_published_total", "Snapshots published.", &m.snapshots_published),
-        ("dstack_directory_bad_requests_total", "Requests refused with a 4xx.", &m.bad_requests),
-        ("dstack_directory_reconciles_total", "Reconciles of the routes repo.", &m.reconciles),
-        ("dstack_directory_rejected_commits_total", "Routes commits rejected by validation.", &m.rejected_commits),
-    ];
-    for (name, help, value) in counters {
-        counter(name, help, value.load(Ordering::Relaxed));
-    }
-    let _ = write!(
-        out,
-        "# HELP dstack_directory_snapshot_index Index of the snapshot served.\n# TYPE dstack_directory_snapshot_index gauge\ndstack_directory_snapshot_index {}\n\
-         # HELP dstack_directory_instances Live instances.\n# TYPE dstack_directory_instances gauge\ndstack_directory_instances {}\n",
-        snapshot.index,
-        directory.instance_count()
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = Exposition::default();
+    out.counter("dstack_directory_heartbeats_total", "Heartbeats accepted.", get(&m.heartbeats));
+    out.counter(
+        "dstack_directory_deregistrations_total",
+        "Instances deregistered by their watson.",
+        get(&m.deregistrations),
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+    out.counter("dstack_directory_expiries_total", "Instances expired for lack of heartbeats.", get(&m.expiries));
+    out.counter("dstack_directory_snapshots_published_total", "Snapshots published.", get(&m.snapshots_published));
+    out.counter("dstack_directory_bad_requests_total", "Requests refused with a 4xx.", get(&m.bad_requests));
+    out.counter("dstack_directory_reconciles_total", "Reconciles of the routes repo.", get(&m.reconciles));
+    out.counter(
+        "dstack_directory_rejected_commits_total",
+        "Routes commits rejected by validation.",
+        get(&m.rejected_commits),
+    );
+    out.gauge("dstack_directory_snapshot_index", "Index of the snapshot served.", directory.snapshot().index);
+    out.gauge("dstack_directory_instances", "Live instances.", directory.instance_count());
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], out.finish())
 }
 
 #[cfg(test)]
@@ -307,6 +295,7 @@ mod tests {
     use axum::http::Request;
     use tower::ServiceExt;
 
+    /// An app with its publisher running (ended with the test's runtime).
     fn app_for_test() -> (Router, Arc<Directory>) {
         let config = Config {
             name: "test".into(),
@@ -316,7 +305,9 @@ mod tests {
             repo: None,
             max_ttl: Duration::from_secs(10),
         };
-        let (directory, _) = Directory::new(config, tokio_util::sync::CancellationToken::new());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (directory, _) = Directory::new(config, shutdown.clone());
+        tokio::spawn(crate::directory::publish_loop(directory.clone(), shutdown));
         (app(directory.clone()), directory)
     }
 
@@ -334,14 +325,21 @@ mod tests {
     #[tokio::test]
     async fn heartbeat_then_snapshot() {
         let (app, _) = app_for_test();
-        let (status, _) = call(&app, "PUT", "/v1/instances/e1", GOOD).await;
+        let (status, ack) = call(&app, "PUT", "/v1/instances/e1", GOOD).await;
         assert_eq!(status, StatusCode::OK);
-        let (status, snap) = call(&app, "GET", "/v1/snapshot?index=0", "").await;
+        // The answer names the snapshot that will hold the write.
+        assert_eq!(ack["index"], 2, "{ack}");
+        let epoch = ack["epoch"].as_u64().unwrap();
+        assert!(epoch > 0);
+        let (status, snap) = call(&app, "GET", &format!("/v1/snapshot?epoch={epoch}&index=1&wait=5s"), "").await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(snap["index"], 2);
+        assert_eq!((snap["epoch"].as_u64(), snap["index"].as_u64()), (Some(epoch), Some(2)));
         assert_eq!(snap["services"]["emitter"]["backends"][0]["url"], "http://127.0.0.1:9001/emitter");
         let (_, removed) = call(&app, "DELETE", "/v1/instances/e1", "").await;
         assert_eq!(removed["removed"], true);
+        assert_eq!(removed["index"], 3, "{removed}");
+        let (_, again) = call(&app, "DELETE", "/v1/instances/e1", "").await;
+        assert_eq!(again["removed"], false);
     }
 
     #[tokio::test]
@@ -393,17 +391,20 @@ mod tests {
 
     #[tokio::test]
     async fn metrics_count_heartbeats_publishes_and_refusals() {
-        let (app, _) = app_for_test();
+        let (app, directory) = app_for_test();
         call(&app, "PUT", "/v1/instances/e1", GOOD).await;
         call(&app, "PUT", "/v1/instances/e1", GOOD).await;
         call(&app, "PUT", "/v1/instances/e1", "{").await;
+        call(&app, "GET", "/v1/nonesuch", "").await;
+        let mut rx = directory.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.index >= 2)).await.unwrap().unwrap();
         let req = Request::builder().uri("/metrics").body(Body::empty()).unwrap();
         let resp = app.oneshot(req).await.unwrap();
         let text = String::from_utf8(axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
         for line in [
             "dstack_directory_heartbeats_total 2",
             "dstack_directory_snapshots_published_total 1",
-            "dstack_directory_bad_requests_total 1",
+            "dstack_directory_bad_requests_total 2",
             "dstack_directory_expiries_total 0",
             "dstack_directory_reconciles_total 0",
             "dstack_directory_instances 1",
@@ -419,19 +420,77 @@ mod tests {
         let req = Request::builder().method("PUT").uri("/v1/instances/e1").body(Body::from(huge)).unwrap();
         let resp = app.oneshot(req).await.unwrap();
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("a JSON error, not plain text");
+        assert!(json["error"].as_str().unwrap().contains("larger than"), "{json}");
+    }
+
+    #[tokio::test]
+    async fn every_refusal_is_json_and_counted_once() {
+        let (app, directory) = app_for_test();
+        let cases = [
+            ("GET", "/nowhere", StatusCode::NOT_FOUND),
+            ("GET", "/v1/snapshot?color=red", StatusCode::BAD_REQUEST),
+            ("DELETE", "/v1/instances/..", StatusCode::BAD_REQUEST),
+            ("POST", "/v1/reconcile", StatusCode::CONFLICT),
+        ];
+        for (method, uri, want) in cases {
+            let (status, json) = call(&app, method, uri, "").await;
+            assert_eq!(status, want, "{method} {uri}");
+            assert!(json["error"].as_str().is_some_and(|e| !e.is_empty()), "{method} {uri}: {json}");
+        }
+        assert_eq!(directory.metrics.bad_requests.load(Ordering::Relaxed), cases.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_write_names_the_snapshot_that_holds_it() {
+        let (app, directory) = app_for_test();
+        // A burst: every answer names an index the directory then reaches,
+        // and that snapshot holds the write.
+        let mut acks = Vec::new();
+        for n in 0..20 {
+            let body = GOOD.replace("9001", &(9100 + n).to_string());
+            let (_, ack) = call(&app, "PUT", &format!("/v1/instances/e{n}"), &body).await;
+            acks.push((n, ack["index"].as_u64().unwrap()));
+        }
+        for (n, index) in acks {
+            let mut rx = directory.subscribe();
+            let snap = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.index >= index))
+                .await
+                .unwrap()
+                .unwrap()
+                .clone();
+            let ids: Vec<String> =
+                snap.services.values().flat_map(|s| s.backends.iter().map(|b| b.id.to_string())).collect();
+            assert!(ids.contains(&format!("e{n}")), "snapshot {} lacks e{n}", snap.index);
+        }
+        // A refresh of a published instance is in the snapshot served.
+        let (_, ack) = call(&app, "PUT", "/v1/instances/e0", &GOOD.replace("9001", "9100")).await;
+        let served = directory.snapshot().index;
+        assert_eq!(ack["index"].as_u64(), Some(served));
     }
 
     #[tokio::test]
     async fn blocking_query_wakes_on_change() {
         let (app, directory) = app_for_test();
+        let epoch = directory.epoch();
         let waiter = tokio::spawn({
             let app = app.clone();
-            async move { call(&app, "GET", "/v1/snapshot?index=1&wait=10s", "").await }
+            async move { call(&app, "GET", &format!("/v1/snapshot?epoch={epoch}&index=1&wait=10s"), "").await }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
         directory.heartbeat("e1".parse().unwrap(), serde_json::from_str(GOOD).unwrap());
         let (_, snap) = tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap();
         assert_eq!(snap["index"], 2);
+        // A query from another epoch (a restarted directory's old index)
+        // is answered at once, whatever its index.
+        let (_, snap) = tokio::time::timeout(
+            Duration::from_secs(2),
+            call(&app, "GET", &format!("/v1/snapshot?epoch={}&index=2&wait=10s", epoch - 1), ""),
+        )
+        .await
+        .unwrap();
+        assert_eq!(snap["epoch"].as_u64(), Some(epoch));
     }
 }

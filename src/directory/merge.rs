@@ -5,9 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::model::{Backend, Heartbeat, InstanceId, ServiceBackends, ServiceName, Version};
+use crate::model::{Backend, ClientName, Heartbeat, InstanceId, ServiceBackends, ServiceName, Version};
 use crate::routes::weights::server_weights;
-use crate::routes::{ClientName, RouteSet, Weights};
+use crate::routes::{RouteSet, Weights};
 
 /// The services of a snapshot and the warnings an operator should see.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -48,16 +48,16 @@ pub fn merge<'a>(instances: impl IntoIterator<Item = (&'a InstanceId, &'a Heartb
             continue;
         }
         let path = dominant_path(&members);
-        for (id, hb) in members.iter().filter(|(_, hb)| hb.url.path != path) {
+        for (id, hb) in members.iter().filter(|(_, hb)| hb.url.path() != path) {
             merged.warnings.push(format!(
                 "{service}: instance {id} has path {:?} but the service's other instances use {path:?}; it gets no traffic",
-                hb.url.path
+                hb.url.path()
             ));
         }
         let backends = |weights: Option<&Weights>, warnings: &mut Vec<String>| {
             // Only instances on the service's path share the traffic.
             let usable: Vec<&Version> =
-                members.iter().filter(|(_, hb)| hb.url.path == path).map(|(_, hb)| &hb.version).collect();
+                members.iter().filter(|(_, hb)| hb.url.path() == path).map(|(_, hb)| &hb.version).collect();
             let assignment = server_weights(&service, weights, &usable);
             warnings.extend(assignment.warnings);
             let mut next = assignment.weights.into_iter();
@@ -67,7 +67,7 @@ pub fn merge<'a>(instances: impl IntoIterator<Item = (&'a InstanceId, &'a Heartb
                     id: (*id).clone(),
                     url: hb.url.clone(),
                     version: hb.version.clone(),
-                    weight: if hb.url.path == path { next.next().unwrap_or(0) } else { 0 },
+                    weight: if hb.url.path() == path { next.next().unwrap_or(0) } else { 0 },
                 })
                 .collect::<Vec<_>>()
         };
@@ -92,7 +92,7 @@ pub fn merge<'a>(instances: impl IntoIterator<Item = (&'a InstanceId, &'a Heartb
 fn dominant_path(members: &[(&InstanceId, &Heartbeat)]) -> String {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for (_, hb) in members {
-        *counts.entry(hb.url.path.as_str()).or_default() += 1;
+        *counts.entry(hb.url.path()).or_default() += 1;
     }
     // BTreeMap iterates in key order, and max_by_key keeps the last maximum,
     // so reverse to prefer the smallest path on a tie.

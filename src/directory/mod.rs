@@ -2,65 +2,41 @@
 //! snapshots that sherlocks follow with blocking queries.
 
 pub mod api;
+pub mod config;
 pub mod merge;
+pub mod publisher;
 pub mod reconcile;
 pub mod registry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{Heartbeat, InstanceId, Snapshot};
+pub use config::{Config, RepoConfig};
+
+use crate::model::{Heartbeat, InstanceId, Snapshot, SnapshotId};
+use crate::protocol::{InstanceStatus, Rejected, RoutesStatus, SherlockStatus, WriteAck};
 use crate::routes::RouteSet;
-use reconcile::{Rejected, RepoConfig, RoutesStatus, Trigger};
+use publisher::Schedule;
+use reconcile::Trigger;
 use registry::{Change, Registry};
 
 /// How long a silent sherlock stays listed in `/v1/status`.
 const SHERLOCK_FORGET: Duration = Duration::from_secs(600);
-/// The directory's timer: deferred publishes wait at most this long.
-const TICK: Duration = Duration::from_millis(10);
-/// How often the registry is scanned for expired instances.
-const EXPIRY_SCAN: Duration = Duration::from_millis(100);
-/// Publishes are at least this far apart...
-const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(10);
-/// ...and at least this many times their own cost apart, so that a burst
-/// (10,000 watsons re-registering with a restarted directory) costs at most
-/// a quarter of a core in merges instead of one full merge per heartbeat.
-const PUBLISH_COST_FACTOR: u32 = 4;
-
-/// Validated settings of one directory.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The name it reports (`-n services`).
-    pub name: String,
-    /// The address it advertises (`-a //services/directory`), for status only.
-    pub address: Option<String>,
-    /// Where the HTTP API listens.
-    pub listen: SocketAddr,
-    /// Where it keeps its state (the routes mirror).
-    pub state_dir: PathBuf,
-    /// The routes repo, if desired state comes from git.
-    pub repo: Option<RepoConfig>,
-    /// The largest TTL a heartbeat may ask for; also how long a fresh
-    /// directory marks its snapshots `warming`.
-    pub max_ttl: Duration,
-}
 
 /// What the directory knows of a sherlock that follows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub struct SherlockSeen {
-    /// The snapshot index it reported as applied.
-    pub applied: u64,
+    /// The snapshot it reported as applied.
+    pub applied: SnapshotId,
     /// Its address as seen from here.
     pub peer: String,
     /// When it last asked for a snapshot.
-    #[serde(skip)]
     pub last_seen: Instant,
 }
 
@@ -86,18 +62,18 @@ struct Inner {
     routes: RouteSet,
     /// Where those routes came from, and any rejected commit or fetch error.
     routes_status: RoutesStatus,
-    /// A change is waiting to be published (see `changed`).
-    dirty: bool,
-    /// When the last publish ran, and how long it took.
-    last_publish: Option<(Instant, Duration)>,
-    /// When the registry is next scanned for expired instances.
-    next_expiry_scan: Option<Instant>,
+    /// The publisher's deadlines and whether a change waits.
+    schedule: Schedule,
 }
 
-/// One running directory, shared by the HTTP handlers and the expiry loop.
+/// One running directory, shared by the HTTP handlers, the publisher and
+/// the reconciler. Handlers only change the registry and wake the
+/// publisher; only the publisher builds and numbers snapshots, so indexes
+/// follow changes in order and no request pays for a merge.
 pub struct Directory {
     pub config: Config,
-    started: Instant,
+    /// This run's identity, carried by every snapshot (see [`Snapshot::epoch`]).
+    epoch: u64,
     started_at: SystemTime,
     inner: Mutex<Inner>,
     snapshots: watch::Sender<Arc<Snapshot>>,
@@ -106,13 +82,19 @@ pub struct Directory {
     shutdown: CancellationToken,
     /// Wakes the reconciler (webhook, file watch); None without a repo.
     reconcile_tx: Option<mpsc::Sender<Trigger>>,
+    /// Wakes the publisher: a change is pending.
+    wake: Notify,
 }
 
 impl Directory {
     /// A directory, and the receiving end of its reconcile triggers when it
     /// has a repo (for `reconcile::run`).
     pub fn new(config: Config, shutdown: CancellationToken) -> (Arc<Directory>, Option<mpsc::Receiver<Trigger>>) {
-        let first = Snapshot { index: 1, warming: !config.max_ttl.is_zero(), ..Snapshot::default() };
+        let started_at = SystemTime::now();
+        // Microseconds since 1970: larger on every restart, and exact in JSON.
+        let epoch = started_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1);
+        let warming = !config.max_ttl.is_zero();
+        let first = Snapshot { epoch, index: 1, warming, ..Snapshot::default() };
         // Capacity 1: one pending trigger covers any number of wake-ups.
         let (tx, rx) = match &config.repo {
             Some(_) => {
@@ -124,23 +106,47 @@ impl Directory {
         let routes_status = config
             .repo
             .as_ref()
-            .map(|r| RoutesStatus { repo: r.url.clone(), branch: r.branch.clone(), ..RoutesStatus::default() })
+            .map(|r| RoutesStatus { repo: r.url.to_string(), branch: r.branch.clone(), ..RoutesStatus::default() })
             .unwrap_or_default();
+        let schedule =
+            Schedule { warming_until: warming.then(|| Instant::now() + config.max_ttl), ..Schedule::default() };
         let directory = Arc::new(Directory {
             config,
-            started: Instant::now(),
-            started_at: SystemTime::now(),
-            inner: Mutex::new(Inner { routes_status, ..Inner::default() }),
+            epoch,
+            started_at,
+            inner: Mutex::new(Inner { routes_status, schedule, ..Inner::default() }),
             snapshots: watch::Sender::new(Arc::new(first)),
             metrics: Metrics::default(),
             shutdown,
             reconcile_tx: tx,
+            wake: Notify::new(),
         });
         (directory, rx)
     }
 
     pub fn reconcile_sender(&self) -> Option<mpsc::Sender<Trigger>> {
         self.reconcile_tx.clone()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started_at.elapsed().unwrap_or_default()
+    }
+
+    /// Marks a change for the publisher and wakes it.
+    fn changed(&self, inner: &mut Inner) {
+        inner.schedule.pending = true;
+        self.wake.notify_one();
+    }
+
+    /// The first snapshot that will hold everything changed so far: the
+    /// next one while a change is pending, else the one served.
+    fn ack(&self, inner: &Inner, removed: Option<bool>) -> WriteAck {
+        let served = self.snapshots.borrow().index;
+        WriteAck { removed, epoch: self.epoch, index: served + u64::from(inner.schedule.pending) }
     }
 
     /// Puts a validated routes commit in force.
@@ -156,13 +162,18 @@ impl Directory {
         self.changed(&mut inner);
     }
 
-    /// Records a successful fetch that changed nothing in force: the same
-    /// commit again, or a commit rejected by validation.
-    pub fn routes_fetched(&self, rejected: Option<Rejected>) {
+    /// Records a successful fetch that changed nothing in force: the commit
+    /// in force again (`head_in_force`: any rejected commit is no longer
+    /// the head, as after a reset or a force-push), the same rejected
+    /// commit, or a newly rejected one.
+    pub fn routes_fetched(&self, rejected: Option<Rejected>, head_in_force: bool) {
         let mut inner = self.inner.lock().unwrap();
         let status = &mut inner.routes_status;
         status.fetched_at = Some(reconcile::now_rfc3339());
         status.error = None;
+        if head_in_force {
+            status.rejected = None;
+        }
         if let Some(rejected) = rejected {
             self.metrics.rejected_commits.fetch_add(1, Ordering::Relaxed);
             status.rejected = Some(rejected);
@@ -193,21 +204,21 @@ impl Directory {
         self.snapshots.subscribe()
     }
 
-    fn warming(&self) -> bool {
-        self.started.elapsed() < self.config.max_ttl
-    }
-
-    pub fn heartbeat(&self, id: InstanceId, heartbeat: Heartbeat) {
+    pub fn heartbeat(&self, id: InstanceId, heartbeat: Heartbeat) -> WriteAck {
         self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let expires = now + Duration::from_millis(heartbeat.ttl_ms);
         let mut inner = self.inner.lock().unwrap();
-        if inner.registry.heartbeat(id.clone(), heartbeat, Instant::now()) == Change::Membership {
+        if inner.registry.heartbeat(id.clone(), heartbeat, now) == Change::Membership {
             tracing::info!(instance = %id, "registered");
+            inner.schedule.expiry_at_most(expires);
             self.changed(&mut inner);
         }
+        self.ack(&inner, None)
     }
 
-    /// Deregisters an instance; true when it was registered.
-    pub fn deregister(&self, id: &InstanceId) -> bool {
+    /// Deregisters an instance; the answer says whether it was registered.
+    pub fn deregister(&self, id: &InstanceId) -> WriteAck {
         let mut inner = self.inner.lock().unwrap();
         let removed = inner.registry.remove(id);
         if removed {
@@ -215,91 +226,77 @@ impl Directory {
             tracing::info!(instance = %id, "deregistered");
             self.changed(&mut inner);
         }
-        removed
+        self.ack(&inner, Some(removed))
     }
 
-    /// Expires instances whose TTL has passed, ends warming when due, and
-    /// publishes a deferred change once its interval has passed.
-    fn tick(&self) {
+    /// The publisher's one pass at `now`: expire instances, end warming,
+    /// publish a pending change when a burst allows. Returns when to run
+    /// again (None: on the next change) and whether a change may wake it
+    /// sooner.
+    fn step(&self, now: Instant) -> (Option<Instant>, bool) {
         let mut inner = self.inner.lock().unwrap();
-        let now = Instant::now();
-        if inner.next_expiry_scan.is_none_or(|t| now >= t) {
-            inner.next_expiry_scan = Some(now + EXPIRY_SCAN);
+        let due = inner.schedule.due(now);
+        if due.expire {
             let expired = inner.registry.expire(now);
             for (id, entry) in &expired {
                 tracing::warn!(instance = %id, service = %entry.heartbeat.service, "expired: no heartbeat within its ttl");
             }
             self.metrics.expiries.fetch_add(expired.len() as u64, Ordering::Relaxed);
+            inner.schedule.pending |= !expired.is_empty();
+            inner.schedule.next_expiry = inner.registry.next_expiry();
             // A sherlock that has not asked for ten minutes is gone, not lagging.
-            inner.sherlocks.retain(|_, s| s.last_seen.elapsed() < SHERLOCK_FORGET);
-            let warming_ended = self.snapshots.borrow().warming && !self.warming();
-            inner.dirty |= !expired.is_empty() || warming_ended;
+            inner.sherlocks.retain(|_, s| now.saturating_duration_since(s.last_seen) < SHERLOCK_FORGET);
         }
-        if inner.dirty && self.may_publish(&inner) {
-            self.publish(&mut inner);
+        if due.end_warming {
+            inner.schedule.warming_until = None;
+            inner.schedule.pending = true;
         }
+        if inner.schedule.due(now).publish {
+            self.publish(&mut inner, now);
+        }
+        (inner.schedule.next_wake(), inner.schedule.listens_for_changes())
     }
 
-    /// Whether a publish now keeps publishes far enough apart.
-    fn may_publish(&self, inner: &Inner) -> bool {
-        inner.last_publish.is_none_or(|(at, cost)| at.elapsed() >= MIN_PUBLISH_INTERVAL.max(cost * PUBLISH_COST_FACTOR))
-    }
-
-    /// Something that shapes the snapshot changed: publish at once after a
-    /// quiet spell, else leave it to the timer, so bursts become one publish.
-    fn changed(&self, inner: &mut Inner) {
-        inner.dirty = true;
-        if self.may_publish(inner) {
-            self.publish(inner);
-        }
-    }
-
-    /// Rebuilds the snapshot and publishes it under a new index if its content
-    /// changed. Called with the lock held, so indexes follow mutations in order.
-    fn publish(&self, inner: &mut Inner) {
+    /// Builds the snapshot and publishes it under the next index. Called
+    /// with the lock held, by the publisher only.
+    fn publish(&self, inner: &mut Inner, now: Instant) {
         let started = Instant::now();
-        inner.dirty = false;
         let merged = merge::merge(inner.registry.iter().map(|(id, e)| (id, &e.heartbeat)), &inner.routes);
-        let warming = self.warming();
-        let commit = inner.routes_status.commit.clone();
         let current = self.snapshot();
-        if current.services == merged.services
-            && current.clients == merged.clients
-            && current.warnings == merged.warnings
-            && current.warming == warming
-            && current.commit == commit
-        {
-            inner.last_publish = Some((started, started.elapsed()));
-            return;
-        }
         let next = Snapshot {
+            epoch: self.epoch,
             index: current.index + 1,
-            commit,
-            warming,
+            commit: inner.routes_status.commit.clone(),
+            warming: inner.schedule.warming_until.is_some(),
             services: merged.services,
             clients: merged.clients,
             warnings: merged.warnings,
         };
-        tracing::info!(index = next.index, services = next.services.len(), warming, "snapshot published");
+        tracing::info!(
+            index = next.index,
+            services = next.services.len(),
+            warming = next.warming,
+            "snapshot published"
+        );
         self.metrics.snapshots_published.fetch_add(1, Ordering::Relaxed);
         self.snapshots.send_replace(Arc::new(next));
-        inner.last_publish = Some((started, started.elapsed()));
+        inner.schedule.published(now, started.elapsed());
     }
 
     /// Records that a sherlock asked for a snapshot, having applied `applied`.
-    pub fn saw_sherlock(&self, name: String, applied: u64, peer: SocketAddr) {
+    pub fn saw_sherlock(&self, name: String, applied: SnapshotId, peer: SocketAddr) {
         let mut inner = self.inner.lock().unwrap();
         inner.sherlocks.insert(name, SherlockSeen { applied, peer: peer.to_string(), last_seen: Instant::now() });
     }
 
     /// The registry as `dw route list` and the status page show it.
-    pub fn instances(&self) -> Vec<api::InstanceStatus> {
+    pub fn instances(&self) -> Vec<InstanceStatus> {
         let inner = self.inner.lock().unwrap();
         let now = Instant::now();
-        let mut list: Vec<api::InstanceStatus> = inner
+        let mut list: Vec<InstanceStatus> = inner
             .registry
             .iter()
-            .map(|(id, e)| api::InstanceStatus {
+            .map(|(id, e)| InstanceStatus {
                 id: id.clone(),
                 service: e.heartbeat.service.clone(),
                 version: e.heartbeat.version.clone(),
@@ -316,20 +313,42 @@ impl Directory {
         self.inner.lock().unwrap().registry.len()
     }
 
-    fn sherlocks(&self) -> Vec<api::SherlockStatus> {
+    /// The sherlocks heard from in the last ten minutes.
+    pub fn sherlocks(&self) -> Vec<SherlockStatus> {
         let inner = self.inner.lock().unwrap();
-        let mut list: Vec<api::SherlockStatus> = inner
+        let mut list: Vec<SherlockStatus> = inner
             .sherlocks
             .iter()
-            .map(|(name, s)| api::SherlockStatus {
+            .filter(|(_, s)| s.last_seen.elapsed() < SHERLOCK_FORGET)
+            .map(|(name, s)| SherlockStatus {
                 name: name.clone(),
-                applied: s.applied,
+                applied_epoch: s.applied.epoch,
+                applied: s.applied.index,
                 peer: s.peer.clone(),
                 last_seen_ms: s.last_seen.elapsed().as_millis() as u64,
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
+    }
+}
+
+/// The publisher task: one pass, then sleep until the pass's deadline or,
+/// when it listens, the next change.
+pub(crate) async fn publish_loop(directory: Arc<Directory>, shutdown: CancellationToken) {
+    loop {
+        let (wake_at, listens) = directory.step(Instant::now());
+        let deadline = async {
+            match wake_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = deadline => {}
+            _ = directory.wake.notified(), if listens => {}
+        }
     }
 }
 
@@ -352,29 +371,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     tracing::info!(addr = %listener.local_addr()?, name = %directory.config.name, "directory listening");
 
-    let ticker = {
-        let directory = directory.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            // Expiry scans every 100 ms (10,000 entries cost well under a
-            // millisecond); deferred publishes are checked every 10 ms.
-            let mut every = tokio::time::interval(TICK);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = every.tick() => directory.tick(),
-                }
-            }
-        })
-    };
+    let publisher = tokio::spawn(publish_loop(directory.clone(), shutdown.clone()));
 
     let app = api::app(directory);
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .context("serving the HTTP API")?;
-    ticker.await.ok();
+    publisher.await.ok();
     if let Some(r) = reconciler {
         r.await.ok();
     }

@@ -9,55 +9,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::Directory;
-use crate::client::Backoff;
-use crate::gitsync::{self, Mirror};
+use tracing::Instrument as _;
 
-/// Where the desired state comes from.
-#[derive(Debug, Clone)]
-pub struct RepoConfig {
-    /// A URL git understands, or a local path.
-    pub url: String,
-    pub branch: String,
-    /// The folder of routes files inside the repo.
-    pub routes_dir: String,
-    /// How often to fetch when nothing else asks.
-    pub poll: Duration,
-}
+use super::{Directory, RepoConfig};
+use crate::backoff::Backoff;
+use crate::gitsync::{self, Mirror};
+use crate::protocol::{Rejected, RoutesStatus};
+use crate::routes::MAX_ERRORS;
 
 /// A wake-up for the reconciler; a webhook passes a channel for the outcome.
 pub type Trigger = Option<oneshot::Sender<RoutesStatus>>;
-
-/// A commit that failed validation and is kept out of traffic.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Rejected {
-    pub commit: String,
-    pub summary: String,
-    /// Each as `routes/barker.yaml:3:7: message`.
-    pub errors: Vec<String>,
-    /// RFC 3339.
-    pub at: String,
-}
-
-/// The desired-state half of `/v1/status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RoutesStatus {
-    pub repo: String,
-    pub branch: String,
-    /// The commit in force (the last good one), if any.
-    pub commit: Option<String>,
-    pub summary: Option<String>,
-    /// When the repo was last fetched successfully (RFC 3339).
-    pub fetched_at: Option<String>,
-    /// The newest commit that failed validation, while it is the branch head.
-    pub rejected: Option<Rejected>,
-    /// Why the last fetch failed, while it keeps failing.
-    pub error: Option<String>,
-}
 
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
@@ -67,7 +31,7 @@ pub fn now_rfc3339() -> String {
 struct Fetched {
     commit: String,
     summary: String,
-    files: Vec<gitsync::RouteFile>,
+    files: Vec<crate::routes::RawFile>,
 }
 
 fn fetch(repo: &RepoConfig, mirror_path: &std::path::Path) -> Result<Fetched, gitsync::GitError> {
@@ -81,14 +45,19 @@ fn fetch(repo: &RepoConfig, mirror_path: &std::path::Path) -> Result<Fetched, gi
 }
 
 /// One reconcile: fetch, and if the head moved, validate and apply or reject.
+///
+/// The span is attached with `.instrument`, not entered: an entered guard
+/// held across `.await` would put other tasks' log lines in this span.
 async fn reconcile(directory: &Directory, repo: &RepoConfig, mirror_path: &std::path::Path) -> Result<(), String> {
-    let span = tracing::info_span!("reconcile", repo = %repo.url);
-    let _enter = span.enter();
+    reconcile_once(directory, repo, mirror_path).instrument(tracing::info_span!("reconcile", repo = %repo.url)).await
+}
+
+async fn reconcile_once(directory: &Directory, repo: &RepoConfig, mirror_path: &std::path::Path) -> Result<(), String> {
     let (repo_c, path) = (repo.clone(), mirror_path.to_path_buf());
     let fetched = tokio::task::spawn_blocking(move || fetch(&repo_c, &path))
         .await
         .map_err(|e| format!("fetch task failed: {e}"))?
-        .map_err(|e| e.to_string());
+        .map_err(|e| repo.url.scrub(&e.to_string()));
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {
@@ -97,27 +66,30 @@ async fn reconcile(directory: &Directory, repo: &RepoConfig, mirror_path: &std::
         }
     };
     let status = directory.routes_status();
-    let known = status.commit.as_deref() == Some(&fetched.commit)
-        || status.rejected.as_ref().is_some_and(|r| r.commit == fetched.commit);
-    if known {
-        directory.routes_fetched(None);
+    let in_force = status.commit.as_deref() == Some(&fetched.commit);
+    if in_force || status.rejected.as_ref().is_some_and(|r| r.commit == fetched.commit) {
+        directory.routes_fetched(None, in_force);
         return Ok(());
     }
-    let parsed = crate::routes::parse_files(fetched.files.iter().map(|(p, t)| (p.as_str(), t.as_str())));
+    let parsed = crate::routes::read_files(fetched.files);
     match parsed {
         Ok(routes) => {
             tracing::info!(commit = %fetched.commit, services = routes.routes.len(), "routes commit accepted");
             directory.set_routes(fetched.commit, fetched.summary, routes);
         }
         Err(errors) => {
-            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            // The first errors say what to fix; a commit with thousands must
+            // not make every status answer huge.
+            let total = errors.len();
+            let mut errors: Vec<String> = errors.iter().take(MAX_ERRORS).map(ToString::to_string).collect();
+            if total > MAX_ERRORS {
+                errors.push(format!("... and {} more errors", total - MAX_ERRORS));
+            }
             tracing::error!(commit = %fetched.commit, errors = ?errors, "routes commit rejected; the last good commit stays in force");
-            directory.routes_fetched(Some(Rejected {
-                commit: fetched.commit,
-                summary: fetched.summary,
-                errors,
-                at: now_rfc3339(),
-            }));
+            directory.routes_fetched(
+                Some(Rejected { commit: fetched.commit, summary: fetched.summary, errors, at: now_rfc3339() }),
+                false,
+            );
         }
     }
     Ok(())
@@ -165,7 +137,7 @@ pub async fn run(
 /// reconcile whenever a ref moves. The watcher lives as long as the guard.
 fn watch_local(repo: &RepoConfig, tx: Option<mpsc::Sender<Trigger>>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let git_dir = gitsync::local_git_dir(&repo.url)?;
+    let git_dir = gitsync::local_git_dir(repo.url.expose())?;
     let tx = tx?;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| !e.kind.is_access()) {

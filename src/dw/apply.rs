@@ -1,17 +1,13 @@
 //! `dw apply` and `dw rollback`: commit (or revert), push, reconcile, and
 //! wait until the directory serves the commit and every sherlock applied it.
 
-use std::io::{IsTerminal as _, Write as _};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::converge::wait_converged;
 use super::plan::{self, Plan};
 use super::workspace::{short, Workspace};
-use super::{Context, Failure};
-
-/// A sherlock not seen for this long is gone, not lagging: its long polls
-/// last 30 s at most.
-const SHERLOCK_GONE_MS: u64 = 70_000;
+use super::{output, Context, Failure};
 
 /// The commit message apply writes when none is given.
 fn message_for(plan: &Plan) -> String {
@@ -73,15 +69,18 @@ pub async fn apply(
     }
     let dirty = ws.routes_dirty()?;
     if !now.has_changes() && !dirty {
-        println!("{}", now.summary);
-        println!("Nothing to apply.");
-        return Ok(());
+        output::line(&now.summary)?;
+        return output::line("Nothing to apply.");
     }
     ws.ensure_not_behind()?;
     let commit = if dirty {
         let message = message.map(str::to_string).unwrap_or_else(|| message_for(&now));
         let oid = ws.commit_routes(&message)?;
-        println!("Committed {} \"{}\".", short(&oid.to_string()), message.lines().next().unwrap_or(""));
+        output::progress(format_args!(
+            "Committed {} \"{}\".\n",
+            short(&oid.to_string()),
+            message.lines().next().unwrap_or("")
+        ));
         oid
     } else {
         ws.head()?
@@ -110,19 +109,19 @@ pub async fn rollback(
         None => ws.newest_routes_commit()?,
     };
     let revert = ws.revert(target)?;
-    println!(
-        "Reverted {} \"{}\" as {}.",
+    output::progress(format_args!(
+        "Reverted {} \"{}\" as {}.\n",
         short(&target.to_string()),
         crate::gitsync::commit_summary(&ws.repo, target),
         short(&revert.to_string())
-    );
+    ));
     publish(ctx, &ws, &revert.to_string(), timeout).await
 }
 
 /// Pushes, asks the directory to reconcile, and waits for convergence.
 async fn publish(ctx: &Context, ws: &Workspace, commit: &str, timeout: Duration) -> Result<(), Failure> {
     ws.push()?;
-    println!("Pushed to origin/{}.", ws.branch);
+    output::progress(format_args!("Pushed to origin/{}.\n", ws.branch));
     let started = Instant::now();
     let answer = ctx.client.reconcile().await.map_err(Failure::error)?;
     if let Some(rejected) = answer.rejected.as_ref().filter(|r| r.commit == commit) {
@@ -133,75 +132,4 @@ async fn publish(ctx: &Context, ws: &Workspace, commit: &str, timeout: Duration)
         )));
     }
     wait_converged(ctx, commit, started, timeout).await
-}
-
-/// Waits until the directory serves `commit` and every live sherlock has
-/// applied a snapshot built from it; shows progress on a terminal.
-pub async fn wait_converged(ctx: &Context, commit: &str, started: Instant, timeout: Duration) -> Result<(), Failure> {
-    let tty = std::io::stdout().is_terminal();
-    // The snapshot index at which the commit was first seen in force.
-    let mut target: Option<u64> = None;
-    loop {
-        let status = ctx.client.status().await.map_err(Failure::error)?;
-        if let Some(r) = status.routes.as_ref().and_then(|r| r.rejected.as_ref()).filter(|r| r.commit == commit) {
-            return Err(Failure::error(format!("the directory rejected {}:\n{}", short(commit), r.errors.join("\n"))));
-        }
-        let served = status.commit.as_deref() == Some(commit);
-        if served && target.is_none() {
-            target = Some(status.index);
-        }
-        let live: Vec<_> = status.sherlocks.iter().filter(|s| s.last_seen_ms < SHERLOCK_GONE_MS).collect();
-        let done: Vec<_> = live.iter().filter(|s| target.is_some_and(|t| s.applied >= t)).collect();
-        if served && done.len() == live.len() {
-            if tty {
-                print!("\r\x1b[K");
-            }
-            println!(
-                "The directory serves {} (snapshot {}); {}/{} sherlocks applied it in {:.1}s.",
-                short(commit),
-                target.unwrap_or(status.index),
-                done.len(),
-                live.len(),
-                started.elapsed().as_secs_f64()
-            );
-            return Ok(());
-        }
-        if tty {
-            print!(
-                "\r\x1b[Kwaiting: directory {}, {}/{} sherlocks",
-                if served { "serves it" } else { "fetching" },
-                done.len(),
-                live.len()
-            );
-            let _ = std::io::stdout().flush();
-        }
-        if started.elapsed() > timeout {
-            if tty {
-                println!();
-            }
-            let lagging: Vec<String> = live
-                .iter()
-                .filter(|s| target.is_none_or(|t| s.applied < t))
-                .map(|s| {
-                    format!(
-                        "{} (applied snapshot {}, seen {:.1}s ago)",
-                        s.name,
-                        s.applied,
-                        s.last_seen_ms as f64 / 1000.0
-                    )
-                })
-                .collect();
-            let why = if !served {
-                format!("the directory still serves {}", status.commit.as_deref().map(short).unwrap_or("nothing"))
-            } else {
-                format!("lagging: {}", lagging.join(", "))
-            };
-            return Err(Failure::error(format!(
-                "timed out after {}s waiting for {} to converge; {why}",
-                timeout.as_secs(),
-                short(commit)
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::Failure;
+use super::{output, Failure};
 use crate::model::DirectoryAddr;
 
 const SYSTEM_CONFIG: &str = "/etc/datawire/dw.yaml";
@@ -15,14 +15,18 @@ fn user_config() -> Option<PathBuf> {
     Some(base.join("dstack/dw.yaml"))
 }
 
+/// `dw.yaml`. Other keys are kept by `dw config set` and ignored here, so an
+/// older dw reads a newer one's file.
+#[derive(Debug, Default, serde::Deserialize)]
+struct DwFile {
+    directory: Option<String>,
+}
+
 /// The `directory:` of a config file, if the file exists and sets it.
 fn directory_in(path: &std::path::Path) -> Result<Option<String>, Failure> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(None) };
-    let value: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| {
-        let (line, col) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
-        Failure::error(format!("{}:{line}:{col}: {e}", path.display()))
-    })?;
-    Ok(value.get("directory").and_then(|d| d.as_str()).map(str::to_string))
+    let file: Option<DwFile> = crate::config_file::parse(path, &text).map_err(Failure::error)?;
+    Ok(file.and_then(|f| f.directory))
 }
 
 /// The directory when no `-d` is given.
@@ -55,6 +59,5 @@ pub fn set(key: &str, value: &str) -> Result<(), Failure> {
     }
     let text = serde_yaml::to_string(&doc).expect("a mapping serializes");
     std::fs::write(&path, text).map_err(|e| Failure::error(format!("writing {}: {e}", path.display())))?;
-    println!("directory = {value} ({addr}) written to {}", path.display());
-    Ok(())
+    output::line(format_args!("directory = {value} ({addr}) written to {}", path.display()))
 }

@@ -1,16 +1,22 @@
 //! dw, the operator's CLI: see, edit, plan, apply and roll back routes.
-//! One file per command; this one holds the command line, the context every
-//! command gets, and the exit codes.
+//! One file per command, and beside them what commands share: `assign`
+//! (route arguments and share math), `edit` (the YAML editor), `converge`
+//! (waiting for every sherlock), `output` (stdout). This one holds the
+//! command line, the context every command gets, and the exit codes.
 //!
 //! Exit codes:
-//! - 0: success (`plan --detailed-exitcode`: no changes);
+//! - 0: success (`plan --detailed-exitcode`: no changes), and a stdout whose
+//!   reader went away (`dw route list | head -1`), which ends dw quietly;
 //! - 1: an error (directory unreachable, invalid routes or weights, a
 //!   refused push, a timeout waiting for convergence);
 //! - 2: bad usage (clap's own code), or `plan --detailed-exitcode` found changes.
 
 pub mod apply;
+pub mod assign;
 pub mod config;
+pub mod converge;
 pub mod edit;
+pub mod output;
 pub mod plan;
 pub mod route_list;
 pub mod route_set;
@@ -156,6 +162,7 @@ pub enum ConfigCommand {
 #[error("{message}")]
 pub struct Failure {
     pub code: i32,
+    /// What to tell the operator on stderr; empty when there is nothing to say.
     pub message: String,
 }
 
@@ -165,6 +172,15 @@ impl Failure {
     }
     pub fn error(message: impl std::fmt::Display) -> Failure {
         Failure { code: EXIT_ERROR, message: format!("{message:#}") }
+    }
+    /// Stdout's reader went away (`dw ... | head -1`): nobody reads the
+    /// rest, so dw stops, says nothing, and exits 0, as ripgrep does.
+    pub fn stdout_closed() -> Failure {
+        Failure { code: EXIT_OK, message: String::new() }
+    }
+    /// Whether dw ends without a word on stderr.
+    pub fn is_quiet(&self) -> bool {
+        self.message.is_empty()
     }
 }
 

@@ -12,10 +12,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::workspace::{short, Workspace};
-use super::{Failure, Style};
-use crate::directory::api::Status;
+use super::{output, Failure, Style};
 use crate::directory::merge::{merge, Merged};
 use crate::model::{Heartbeat, InstanceId, ServiceName, Snapshot};
+use crate::protocol::Status;
 use crate::routes::{Route, RouteSet};
 use crate::sherlock::render::{self, Renderer, Site};
 
@@ -74,14 +74,13 @@ impl Plan {
 
 /// A stable digest of a set of files (FNV-1a): enough to notice an edit.
 pub fn digest(files: &[(String, String)]) -> String {
-    let mut hash: u64 = 0xcbf29ce484222325;
+    let mut hash = crate::fnv::Fnv::default();
     for (path, text) in files {
-        for b in path.bytes().chain([0]).chain(text.bytes()).chain([0]) {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x100000001b3);
+        for part in [path.as_bytes(), &[0], text.as_bytes(), &[0]] {
+            hash.write(part);
         }
     }
-    format!("{hash:016x}")
+    format!("{:016x}", hash.finish())
 }
 
 /// Parses the working tree's routes; broken YAML is an error naming file,
@@ -235,11 +234,11 @@ fn summary(changes: &[RouteChange], served: Option<&str>) -> String {
 
 fn weights_text(route: &Route) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for (v, w) in &route.weights.0 {
+    for (v, w) in route.weights.iter() {
         out.insert(v.to_string(), w.to_string());
     }
     for (client, weights) in &route.clients {
-        for (v, w) in &weights.0 {
+        for (v, w) in weights.iter() {
             out.insert(format!("clients.{client}.{v}"), w.to_string());
         }
     }
@@ -342,11 +341,15 @@ pub async fn run(
         std::fs::write(path, text).map_err(|e| Failure::error(format!("writing --out {}: {e}", path.display())))?;
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&plan).expect("a plan serializes"));
+        output::line(serde_json::to_string_pretty(&plan).expect("a plan serializes"))?;
     } else {
-        print!("{}", print(&plan, &ctx.style));
+        output::text(print(&plan, &ctx.style))?;
         if let Some(path) = out {
-            println!("Saved the plan to {}; apply it with: dw apply {}", path.display(), path.display());
+            output::line(format_args!(
+                "Saved the plan to {}; apply it with: dw apply {}",
+                path.display(),
+                path.display()
+            ))?;
         }
     }
     Ok(if detailed && plan.has_changes() { 2 } else { 0 })

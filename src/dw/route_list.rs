@@ -4,9 +4,9 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use super::{Context, Failure, Style};
-use crate::directory::api::{InstanceStatus, Status};
+use super::{output, Context, Failure, Style};
 use crate::model::{ServiceName, Snapshot, Version};
+use crate::protocol::{InstanceStatus, Status};
 
 /// One row: an instance, or a routed version with no live instance.
 #[derive(Debug, serde::Serialize)]
@@ -23,12 +23,13 @@ struct Row {
 
 pub async fn run(ctx: &Context, json: bool) -> Result<(), Failure> {
     let status = ctx.client.status().await.map_err(Failure::error)?;
-    let snapshot = ctx.client.snapshot(0, std::time::Duration::ZERO, None).await.map_err(Failure::error)?;
+    let snapshot =
+        ctx.client.snapshot(Default::default(), std::time::Duration::ZERO, None).await.map_err(Failure::error)?;
     let rows = rows(&status, &snapshot);
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialize"));
+        output::line(serde_json::to_string_pretty(&rows).expect("rows serialize"))?;
     } else {
-        print!("{}", table(&rows, &snapshot, &ctx.style));
+        output::text(table(&rows, &snapshot, &ctx.style))?;
     }
     Ok(())
 }
@@ -57,12 +58,12 @@ fn rows(status: &Status, snapshot: &Snapshot) -> Vec<Row> {
     // Routed versions with nothing live are worth a row: their share moved.
     let live: BTreeSet<(&ServiceName, &Version)> = status.instances.iter().map(|i| (&i.service, &i.version)).collect();
     for (service, route) in &status.desired.routes {
-        for (version, weight) in &route.weights.0 {
+        for (version, weight) in route.weights.iter() {
             if !live.contains(&(service, version)) {
                 rows.push(Row {
                     service: service.clone(),
                     version: version.clone(),
-                    desired: Some(*weight),
+                    desired: Some(weight),
                     instance: None,
                     healthy: false,
                     share: 0.0,

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use super::edit;
 use super::workspace::Workspace;
-use super::{Context, Failure};
-use crate::model::{ServiceName, Version};
-use crate::routes::ClientName;
+use super::{assign, edit};
+use super::{output, Context, Failure};
+use crate::model::{ClientName, ServiceName, Version};
+use crate::routes::Weights;
 
 /// Writes `weights` for `service` (and `client`) into the file defining it,
 /// or a new `routes/<service>.yaml`. The file is untouched on any error.
@@ -43,12 +43,14 @@ pub fn set(
     let service: ServiceName = service.parse().map_err(Failure::error)?;
     let client: Option<ClientName> =
         client.map(str::parse).transpose().map_err(|e| Failure::error(format!("--client: {e}")))?;
-    let weights = edit::parse_assignments(weights).map_err(Failure::error)?;
+    let weights = assign::parse_assignments(weights).map_err(Failure::error)?;
     let ws = Workspace::open(repo, routes_dir)?;
     let path = write_weights(&ws, &service, client.as_ref(), &weights)?;
     let whose = client.map(|c| format!(" for client {c}")).unwrap_or_default();
-    println!("{path}: {service}{whose} set to {}. Review with `dw plan`, then `dw apply`.", describe(&weights));
-    Ok(())
+    output::line(format_args!(
+        "{path}: {service}{whose} set to {}. Review with `dw plan`, then `dw apply`.",
+        describe(&weights)
+    ))
 }
 
 /// `dw route add SOURCE TARGET PERCENT`, the original dstack form.
@@ -60,10 +62,11 @@ pub async fn add(
     target: &str,
     percent: &str,
 ) -> Result<(), Failure> {
-    let (service, version, client, percent) = edit::parse_route_add(source, target, percent).map_err(Failure::error)?;
+    let (service, version, client, percent) =
+        assign::parse_route_add(source, target, percent).map_err(Failure::error)?;
     let ws = Workspace::open(repo, routes_dir)?;
     let routes = super::plan::working_routes(&ws.routes_files()?)?;
-    let current = routes.weights_for(&service, client.as_ref()).map(|w| &w.0);
+    let current = routes.weights_for(&service, client.as_ref()).map(Weights::as_map);
     // With no route yet, the versions live now take the rest.
     let live: Vec<Version> = if current.is_none() {
         let mut versions: Vec<Version> = match ctx.client.instances().await {
@@ -80,9 +83,11 @@ pub async fn add(
     } else {
         Vec::new()
     };
-    let weights = edit::add_share(current, &live, &version, percent).map_err(Failure::error)?;
+    let weights = assign::add_share(current, &live, &version, percent).map_err(Failure::error)?;
     let path = write_weights(&ws, &service, client.as_ref(), &weights)?;
     let whose = client.map(|c| format!(" for client {c}")).unwrap_or_default();
-    println!("{path}: {service}{whose} set to {}. Review with `dw plan`, then `dw apply`.", describe(&weights));
-    Ok(())
+    output::line(format_args!(
+        "{path}: {service}{whose} set to {}. Review with `dw plan`, then `dw apply`.",
+        describe(&weights)
+    ))
 }

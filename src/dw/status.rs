@@ -4,16 +4,17 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use super::converge;
 use super::workspace::short;
-use super::{Context, Failure, Style};
-use crate::directory::api::Status;
+use super::{output, Context, Failure, Style};
+use crate::protocol::Status;
 
 pub async fn run(ctx: &Context, json: bool) -> Result<(), Failure> {
     let status = ctx.client.status().await.map_err(Failure::error)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status).expect("status serializes"));
+        output::line(serde_json::to_string_pretty(&status).expect("status serializes"))?;
     } else {
-        print!("{}", render(&status, &ctx.style));
+        output::text(render(&status, &ctx.style))?;
     }
     Ok(())
 }
@@ -87,10 +88,22 @@ pub fn render(status: &Status, style: &Style) -> String {
         let _ = writeln!(out, "  none subscribed");
     } else {
         let _ = writeln!(out, "  {:<28} {:>8} {:>5} {:>10}", "NAME", "APPLIED", "LAG", "LAST SEEN");
+        let served = status.snapshot_id();
+        let mut other_run = false;
         for s in &status.sherlocks {
-            let lag = status.index.saturating_sub(s.applied);
-            let line = format!("  {:<28} {:>8} {:>5} {:>9.1}s", s.name, s.applied, lag, s.last_seen_ms as f64 / 1000.0);
-            let _ = writeln!(out, "{}", if lag > 0 { style.paint(Style::YELLOW, &line) } else { line });
+            // A snapshot of another directory run has an index that says nothing about this one's.
+            let lag = converge::lag(s.applied_id(), served);
+            other_run |= lag.is_none();
+            let lag_text = lag.map_or("-".to_string(), |n| n.to_string());
+            let line =
+                format!("  {:<28} {:>8} {:>5} {:>9.1}s", s.name, s.applied, lag_text, s.last_seen_ms as f64 / 1000.0);
+            let _ = writeln!(out, "{}", if lag != Some(0) { style.paint(Style::YELLOW, &line) } else { line });
+        }
+        if other_run {
+            let _ = writeln!(
+                out,
+                "  (LAG -: it applied a snapshot of another run of the directory, and none of this run yet)"
+            );
         }
     }
     if !status.warnings.is_empty() {

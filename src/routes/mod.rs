@@ -1,7 +1,7 @@
 //! Routes: the desired traffic split, read from YAML files in the routes repo.
 //!
 //! A routes file maps each service to the share of traffic every version of
-//! it should get (see DESIGN.md, "The GitOps model"):
+//! it should get (README.md, "Routes in git"):
 //!
 //! ```yaml
 //! barker:            # short form: version -> weight
@@ -25,11 +25,10 @@ pub mod weights;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ServiceName, Version};
+use crate::model::{ClientName, ServiceName, Version};
 
 pub use parse::parse_files;
 pub use weights::{effective_shares, realized_shares, server_weights, Assignment};
@@ -37,60 +36,14 @@ pub use weights::{effective_shares, realized_shares, server_weights, Assignment}
 /// What every weight map must sum to: weights are percentages.
 pub const WEIGHT_TOTAL: u32 = 100;
 
-/// The name a sherlock goes by when it asks for its own routes: `monolith`,
-/// or by default its host name (`main.example.com`).
-///
-/// `^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct ClientName(String);
-
-impl ClientName {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// Why a client name was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid client name {0:?}: a client name is 1 to 63 characters of A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit (e.g. `monolith` or a host name)")]
-pub struct ClientNameError(pub String);
-
-impl FromStr for ClientName {
-    type Err = ClientNameError;
-    fn from_str(s: &str) -> Result<Self, ClientNameError> {
-        let mut chars = s.chars();
-        let ok = s.len() <= 63
-            && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if ok {
-            Ok(ClientName(s.to_string()))
-        } else {
-            Err(ClientNameError(s.to_string()))
-        }
-    }
-}
-
-impl fmt::Display for ClientName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for ClientName {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 /// A version -> weight map that meets the rules: not empty, each weight in
 /// 0..=100, summing to exactly 100.
 ///
-/// The field is public so callers can read it freely; build one with
-/// [`Weights::new`] (or deserialize it) so that the rules are checked.
+/// The map is private: a `Weights` is built only by [`Weights::new`] (or
+/// by deserializing, which calls it), so every one meets the rules.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
-pub struct Weights(pub BTreeMap<Version, u32>);
+pub struct Weights(BTreeMap<Version, u32>);
 
 /// Why a weight map was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -124,18 +77,27 @@ impl Weights {
     pub fn get(&self, version: &Version) -> u32 {
         self.0.get(version).copied().unwrap_or(0)
     }
+
+    /// Every listed version with its weight, in version order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Version, u32)> {
+        self.0.iter().map(|(v, w)| (v, *w))
+    }
+
+    pub fn as_map(&self) -> &BTreeMap<Version, u32> {
+        &self.0
+    }
+}
+
+/// `v1=90 v2=10`, for any version -> weight map, valid or not (an error
+/// message shows what the operator gave).
+pub fn weights_text(map: &BTreeMap<Version, u32>) -> String {
+    map.iter().map(|(version, weight)| format!("{version}={weight}")).collect::<Vec<_>>().join(" ")
 }
 
 /// `v1=90 v2=10`: the form `dw route set` takes.
 impl fmt::Display for Weights {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (version, weight)) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(" ")?;
-            }
-            write!(f, "{version}={weight}")?;
-        }
-        Ok(())
+        f.write_str(&weights_text(&self.0))
     }
 }
 
@@ -188,28 +150,111 @@ pub struct RouteError {
     pub message: String,
 }
 
-/// Reads every `*.yaml`/`*.yml` file directly under `root/routes_dir`, in
-/// name order, and [`parse_files`] them. A missing directory is an empty
-/// [`RouteSet`] (a repo may have no routes yet).
+impl RouteError {
+    /// An error about a whole file (unreadable, not UTF-8): line 1, column 1.
+    pub fn at_start(file: impl Into<String>, message: impl Into<String>) -> RouteError {
+        RouteError { file: file.into(), line: 1, column: 1, message: message.into() }
+    }
+}
+
+/// A routes file as found in a commit or a working tree, not yet checked:
+/// its path from the repo root (`routes/barker.yaml`) and its content.
+pub type RawFile = (String, Content);
+
+/// What a reader found in a routes file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Bytes(Vec<u8>),
+    /// Larger than [`MAX_FILE_BYTES`]: its size, and its bytes left unread,
+    /// so a hostile commit cannot make the directory load a huge blob.
+    TooLarge(u64),
+}
+
+/// At most this many routes files in one commit.
+pub const MAX_FILES: usize = 1_000;
+/// At most this many bytes in one routes file (1,000 services in the short
+/// form take about 30 KB).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// A rejected commit keeps its first this many errors, and a count of the rest.
+pub const MAX_ERRORS: usize = 100;
+
+/// The content of a file of `size` bytes, read by `read` only when it is
+/// within [`MAX_FILE_BYTES`]: the git reader and the working-tree reader
+/// share this rule.
+pub fn read_bounded<E>(size: u64, read: impl FnOnce() -> Result<Vec<u8>, E>) -> Result<Content, E> {
+    if size > MAX_FILE_BYTES {
+        Ok(Content::TooLarge(size))
+    } else {
+        read().map(Content::Bytes)
+    }
+}
+
+/// Whether a file in the routes folder holds routes: `*.yaml` and `*.yml`
+/// (a README beside them is not read). The directory's git reader and the
+/// working-tree reader both ask this.
+pub fn is_routes_file(name: &str) -> bool {
+    name.ends_with(".yaml") || name.ends_with(".yml")
+}
+
+/// The text of each file, or an error at line 1, column 1 of every file
+/// that is not UTF-8 (refused, never decoded lossily: the directory and
+/// `dw plan` must agree on every commit).
+pub fn decode(files: Vec<RawFile>) -> (Vec<(String, String)>, Vec<RouteError>) {
+    let mut texts = Vec::new();
+    let mut errors = Vec::new();
+    if files.len() > MAX_FILES {
+        let dir = files[0].0.rsplit_once('/').map_or("", |(dir, _)| dir).to_string();
+        let message = format!("{} routes files; a commit may hold at most {MAX_FILES}", files.len());
+        return (texts, vec![RouteError::at_start(dir, message)]);
+    }
+    for (file, content) in files {
+        match content {
+            Content::TooLarge(size) => errors.push(RouteError::at_start(
+                file,
+                format!("the file is {size} bytes; a routes file may be at most {MAX_FILE_BYTES} bytes"),
+            )),
+            Content::Bytes(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => texts.push((file, text)),
+                Err(_) => {
+                    errors.push(RouteError::at_start(file, "the file is not UTF-8 text; routes files are UTF-8 YAML"))
+                }
+            },
+        }
+    }
+    (texts, errors)
+}
+
+/// The one way routes files become a [`RouteSet`]: the UTF-8 check, then
+/// [`parse_files`]. Every error of the commit is returned, in file order.
+pub fn read_files(files: Vec<RawFile>) -> Result<RouteSet, Vec<RouteError>> {
+    let (texts, mut errors) = decode(files);
+    match parse_files(texts.iter().map(|(file, text)| (file.as_str(), text.as_str()))) {
+        Ok(set) if errors.is_empty() => Ok(set),
+        Ok(_) => Err(errors),
+        Err(more) => {
+            errors.extend(more);
+            Err(errors)
+        }
+    }
+}
+
+/// The routes files directly under `root/routes_dir`, in name order, as
+/// bytes. A missing folder has no files (a repo may have no routes yet).
 ///
-/// Paths in errors are `routes_dir/name.yaml`; an IO error becomes a
-/// [`RouteError`] at line 1, column 1 of the file (or directory) it concerns.
-pub fn load_dir(root: &Path, routes_dir: &str) -> Result<RouteSet, Vec<RouteError>> {
-    let prefix = routes_dir.trim_end_matches('/');
+/// Paths are `routes_dir/name.yaml`; an IO error becomes a [`RouteError`]
+/// at line 1, column 1 of the file (or folder) it concerns.
+pub fn read_dir(root: &Path, routes_dir: &str) -> Result<Vec<RawFile>, Vec<RouteError>> {
+    let prefix = routes_dir.trim_matches('/');
     let rel = |name: &str| match prefix {
         "" | "." => name.to_string(),
         _ => format!("{prefix}/{name}"),
     };
-    let io_error = |file: String, what: &str, e: std::io::Error| RouteError {
-        file,
-        line: 1,
-        column: 1,
-        message: format!("cannot {what}: {e}"),
-    };
+    let io_error =
+        |file: String, what: &str, e: std::io::Error| RouteError::at_start(file, format!("cannot {what}: {e}"));
     let dir = root.join(prefix);
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RouteSet::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(vec![io_error(prefix.to_string(), "read the routes directory", e)]),
     };
 
@@ -227,47 +272,37 @@ pub fn load_dir(root: &Path, routes_dir: &str) -> Result<RouteSet, Vec<RouteErro
             // Refused rather than skipped: a routes file nobody can name
             // must not be silently left out of the commit.
             let lossy = entry.file_name().to_string_lossy().to_string();
-            errors.push(RouteError {
-                file: rel(&lossy),
-                line: 1,
-                column: 1,
-                message: "the file name is not UTF-8; rename it".to_string(),
-            });
+            errors.push(RouteError::at_start(rel(&lossy), "the file name is not UTF-8; rename it"));
             continue;
         };
         // `metadata` follows symlinks, so a linked file counts like a file.
         let is_file = std::fs::metadata(entry.path()).map(|m| m.is_file()).unwrap_or(false);
-        if is_file && (name.ends_with(".yaml") || name.ends_with(".yml")) {
+        if is_file && is_routes_file(&name) {
             names.push(name);
         }
     }
     names.sort();
 
-    let mut contents = Vec::new();
+    let mut files = Vec::new();
     for name in names {
-        let file = rel(&name);
-        match std::fs::read(dir.join(&name)) {
-            Ok(bytes) => match String::from_utf8(bytes) {
-                Ok(text) => contents.push((file, text)),
-                Err(_) => errors.push(RouteError {
-                    file,
-                    line: 1,
-                    column: 1,
-                    message: "the file is not UTF-8 text; routes files are UTF-8 YAML".to_string(),
-                }),
-            },
-            Err(e) => errors.push(io_error(file, "read the file", e)),
+        let path = dir.join(&name);
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match read_bounded(size, || std::fs::read(&path)) {
+            Ok(content) => files.push((rel(&name), content)),
+            Err(e) => errors.push(io_error(rel(&name), "read the file", e)),
         }
     }
+    if errors.is_empty() {
+        Ok(files)
+    } else {
+        Err(errors)
+    }
+}
 
-    match parse_files(contents.iter().map(|(file, text)| (file.as_str(), text.as_str()))) {
-        Ok(set) if errors.is_empty() => Ok(set),
-        Ok(_) => Err(errors),
-        Err(more) => {
-            errors.extend(more);
-            Err(errors)
-        }
-    }
+/// Reads and validates the routes of a working tree: [`read_dir`], then
+/// [`read_files`].
+pub fn load_dir(root: &Path, routes_dir: &str) -> Result<RouteSet, Vec<RouteError>> {
+    read_files(read_dir(root, routes_dir)?)
 }
 
 #[cfg(test)]
@@ -280,18 +315,6 @@ mod tests {
 
     fn weights(pairs: &[(&str, u32)]) -> Weights {
         Weights::new(pairs.iter().map(|(k, w)| (v(k), *w)).collect()).unwrap()
-    }
-
-    #[test]
-    fn client_names() {
-        for ok in ["monolith", "main.example.com", "a", "A-1_b", &"x".repeat(63)] {
-            assert_eq!(ok.parse::<ClientName>().unwrap().as_str(), ok);
-        }
-        for bad in ["", "-x", ".x", "a b", "a/b", "é", &"x".repeat(64)] {
-            let err = bad.parse::<ClientName>().unwrap_err().to_string();
-            assert!(err.contains("starting with a letter or digit"), "{bad:?}: {err}");
-        }
-        assert!(serde_json::from_str::<ClientName>("\"a b\"").is_err());
     }
 
     #[test]
@@ -369,6 +392,31 @@ mod tests {
                 "routes/c.yaml:1:1: emitter: service is already defined at routes/a.yaml:1:1; define each service once",
                 "routes/c.yaml:1:11: emitter: weights sum to 50, they must sum to 100",
             ]
+        );
+    }
+
+    #[test]
+    fn a_commit_is_bounded_in_files_and_bytes() {
+        let big = vec![b'#'; MAX_FILE_BYTES as usize + 1];
+        let errors = read_files(vec![
+            ("routes/a.yaml".into(), Content::Bytes(b"a: {v1: 100}\n".to_vec())),
+            ("routes/big.yaml".into(), read_bounded(big.len() as u64, || Ok::<_, ()>(big.clone())).unwrap()),
+        ])
+        .unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0].to_string(),
+            format!(
+                "routes/big.yaml:1:1: the file is {} bytes; a routes file may be at most {MAX_FILE_BYTES} bytes",
+                big.len()
+            )
+        );
+        let many: Vec<RawFile> =
+            (0..=MAX_FILES).map(|n| (format!("routes/s{n}.yaml"), Content::Bytes(Vec::new()))).collect();
+        let errors = read_files(many).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            format!("routes:1:1: {} routes files; a commit may hold at most {MAX_FILES}", MAX_FILES + 1)
         );
     }
 

@@ -472,7 +472,7 @@ transform:
     fn service_name_errors() {
         assert_eq!(
             one_error("emitter: {v1: 100}\nBarker:\n  v1: 100\n"),
-            "routes/barker.yaml:2:1: invalid service name \"Barker\": a name is 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter (e.g. `emitter` or `//services/emitter`)"
+            "routes/barker.yaml:2:1: invalid service name \"Barker\": a name is 1 to 63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter and not ending in '.' (e.g. `emitter`, `barker.internal` or `//services/emitter`)"
         );
         assert_eq!(
             one_error("//services/barker: {v1: 100}\n"),
@@ -580,7 +580,7 @@ transform:
             errors,
             [
                 "routes/a.yaml:2:3: barker: weights sum to 120, they must sum to 100",
-                "routes/a.yaml:4:1: invalid service name \"Emitter\": a name is 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter (e.g. `emitter` or `//services/emitter`)",
+                "routes/a.yaml:4:1: invalid service name \"Emitter\": a name is 1 to 63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter and not ending in '.' (e.g. `emitter`, `barker.internal` or `//services/emitter`)",
                 "routes/b.yaml:1:1: barker: service is already defined at routes/a.yaml:1:1; define each service once",
                 "routes/b.yaml:3:17: sink: weight 101 for v1 is more than 100; a weight is a whole number from 0 to 100",
                 "routes/b.yaml:5:13: sink: client x: weight 1.5 for v1 is not a whole number; a weight is a whole number from 0 to 100",
@@ -594,7 +594,7 @@ transform:
         assert_eq!(
             errors("Barker: {v1: 90}\n"),
             [
-                "routes/barker.yaml:1:1: invalid service name \"Barker\": a name is 1 to 63 characters of a-z, 0-9, '_' and '-', starting with a letter (e.g. `emitter` or `//services/emitter`)",
+                "routes/barker.yaml:1:1: invalid service name \"Barker\": a name is 1 to 63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter and not ending in '.' (e.g. `emitter`, `barker.internal` or `//services/emitter`)",
                 "routes/barker.yaml:1:10: Barker: weights sum to 90, they must sum to 100",
             ]
         );

@@ -2,7 +2,7 @@
 //! weight per instance. Pure functions: the directory calls them for every
 //! snapshot, `dw route list` for display.
 //!
-//! The rules (DESIGN.md, "The GitOps model"):
+//! The rules (README.md, "Routes in git"):
 //! - no route: every instance gets weight 1, an equal split;
 //! - a live version the route does not list gets 0 (a staged canary), and so
 //!   does a version listed with weight 0;
@@ -109,7 +109,7 @@ pub fn server_weights(service: &ServiceName, route: Option<&Weights>, instances:
 
 /// The warnings for weighted versions that have no live instance.
 fn redistribution_warnings(service: &ServiceName, route: &Weights, live: &BTreeMap<Version, usize>) -> Vec<String> {
-    let weighted: Vec<(&Version, u32)> = route.0.iter().filter(|(_, w)| **w > 0).map(|(v, w)| (v, *w)).collect();
+    let weighted: Vec<(&Version, u32)> = route.iter().filter(|(_, w)| *w > 0).collect();
     let (receivers, missing): (Vec<_>, Vec<_>) = weighted.iter().partition(|(v, _)| live.contains_key(*v));
     if receivers.is_empty() {
         let wanted: Vec<String> = weighted.iter().map(|(v, w)| format!("{v} {w}%")).collect();

@@ -1,6 +1,5 @@
 //! sherlock's admin endpoint: `/metrics` (Prometheus text) and `/status`.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,6 +9,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
+
+use crate::prometheus::{Exposition, CONTENT_TYPE};
 
 /// Upper bounds (seconds) of the apply latency histogram's buckets.
 const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
@@ -44,47 +45,37 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut one = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
-        };
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        one("dstack_sherlock_reloads_total", "counter", "HAProxy reloads.", get(&self.reloads));
-        one("dstack_sherlock_failed_reloads_total", "counter", "Reloads HAProxy refused.", get(&self.failed_reloads));
-        one(
+        let mut out = Exposition::default();
+        out.counter("dstack_sherlock_reloads_total", "HAProxy reloads.", get(&self.reloads));
+        out.counter("dstack_sherlock_failed_reloads_total", "Reloads HAProxy refused.", get(&self.failed_reloads));
+        out.counter(
             "dstack_sherlock_runtime_commands_total",
-            "counter",
             "Runtime API commands sent.",
             get(&self.runtime_commands),
         );
-        one(
+        out.counter(
             "dstack_sherlock_runtime_applies_total",
-            "counter",
             "Changes applied without a reload.",
             get(&self.runtime_applies),
         );
-        one(
+        out.counter(
             "dstack_sherlock_drift_corrections_total",
-            "counter",
             "Runtime state corrected to match.",
             get(&self.drift_corrections),
         );
-        one("dstack_sherlock_unchanged_total", "counter", "Snapshots that changed nothing.", get(&self.unchanged));
-        one("dstack_sherlock_failed_applies_total", "counter", "Snapshots not applied.", get(&self.failed_applies));
-        one("dstack_sherlock_applied_index", "gauge", "Index of the snapshot applied.", get(&self.applied_index));
-        let name = "dstack_sherlock_apply_seconds";
-        let _ = write!(
-            out,
-            "# HELP {name} Time from a snapshot's arrival to HAProxy running it.\n# TYPE {name} histogram\n"
+        out.counter("dstack_sherlock_unchanged_total", "Snapshots that changed nothing.", get(&self.unchanged));
+        out.counter("dstack_sherlock_failed_applies_total", "Snapshots not applied.", get(&self.failed_applies));
+        out.gauge("dstack_sherlock_applied_index", "Index of the snapshot applied.", get(&self.applied_index));
+        let buckets: Vec<(f64, u64)> = BUCKETS.iter().zip(&self.latency_buckets).map(|(b, n)| (*b, get(n))).collect();
+        out.histogram(
+            "dstack_sherlock_apply_seconds",
+            "Time from a snapshot's arrival to HAProxy running it.",
+            &buckets,
+            get(&self.latency_count),
+            get(&self.latency_sum_us) as f64 / 1e6,
         );
-        for (bound, bucket) in BUCKETS.iter().zip(&self.latency_buckets) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", get(bucket));
-        }
-        let count = get(&self.latency_count);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", get(&self.latency_sum_us) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {count}");
-        out
+        out.finish()
     }
 }
 
@@ -95,6 +86,8 @@ pub struct Status {
     pub client: String,
     /// The directory followed now.
     pub directory: Option<String>,
+    /// The snapshot applied: (applied_epoch, applied_index).
+    pub applied_epoch: u64,
     pub applied_index: u64,
     pub applied_commit: Option<String>,
     pub services: usize,
@@ -115,9 +108,6 @@ pub struct Shared {
 pub fn app(shared: Arc<Shared>) -> Router {
     let m = shared.clone();
     Router::new()
-        .route(
-            "/metrics",
-            get(move || async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.metrics.render()) }),
-        )
+        .route("/metrics", get(move || async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], m.metrics.render()) }))
         .route("/status", get(move || async move { Json(shared.status.lock().unwrap().clone()).into_response() }))
 }

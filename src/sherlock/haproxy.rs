@@ -13,6 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
+use crate::backoff::Backoff;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HaproxyError {
     #[error("cannot start {binary}: {source}")]
@@ -65,6 +67,10 @@ pub struct Haproxy {
     binary: PathBuf,
     pub paths: Paths,
     child: Option<Child>,
+    /// Spaces out restarts of a master that keeps dying or failing to start.
+    restarts: Backoff,
+    /// When the next restart is due, while HAProxy is down.
+    restart_at: Option<tokio::time::Instant>,
 }
 
 /// What `show proc` on the master CLI says.
@@ -106,7 +112,8 @@ pub fn parse_show_proc(text: &str) -> Option<ProcState> {
 
 impl Haproxy {
     pub fn new(binary: PathBuf, paths: Paths) -> Haproxy {
-        Haproxy { binary, paths, child: None }
+        let restarts = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        Haproxy { binary, paths, child: None, restarts, restart_at: None }
     }
 
     /// `haproxy -c` on a file: Ok, or the errors HAProxy printed.
@@ -226,16 +233,39 @@ impl Haproxy {
         socket_command(&self.paths.admin_socket, command).await
     }
 
-    /// Resolves when the master exits; never, if none is running.
-    pub async fn exited(&mut self) -> String {
-        match self.child.as_mut() {
-            Some(child) => {
-                let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
-                self.child = None;
-                status
-            }
+    /// Resolves when a restart is due: the master has exited (then after
+    /// a backoff delay), or an earlier restart failed and its delay has
+    /// passed. Never resolves while HAProxy runs or after [`Haproxy::stop`].
+    pub async fn restart_due(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            self.child = None;
+            let delay = self.restarts.next_delay();
+            tracing::error!(%status, restart_in = ?delay, "haproxy exited unexpectedly");
+            self.restart_at = Some(tokio::time::Instant::now() + delay);
+        }
+        match self.restart_at {
+            Some(at) => tokio::time::sleep_until(at).await,
             None => std::future::pending().await,
         }
+    }
+
+    /// Starts HAProxy again on the config in place; a failure schedules the
+    /// next try, further out each time.
+    pub async fn restart(&mut self) -> Result<(), HaproxyError> {
+        let result = async {
+            self.check(&self.paths.config).await?;
+            self.start().await
+        }
+        .await;
+        match &result {
+            Ok(()) => {
+                self.restarts.reset();
+                self.restart_at = None;
+            }
+            Err(_) => self.restart_at = Some(tokio::time::Instant::now() + self.restarts.next_delay()),
+        }
+        result
     }
 
     pub fn is_running(&self) -> bool {
@@ -244,6 +274,7 @@ impl Haproxy {
 
     /// Stops the master (and so its workers): SIGTERM, then SIGKILL.
     pub async fn stop(&mut self) {
+        self.restart_at = None;
         let Some(mut child) = self.child.take() else { return };
         if let Some(pid) = child.id() {
             // SAFETY: signalling our own child by the pid tokio gave us.

@@ -78,7 +78,7 @@ pub fn services(snapshot: &Snapshot) -> Vec<ServiceView> {
                 .iter()
                 .find(|b| b.weight > 0)
                 .or(svc.backends.first())
-                .map(|b| b.url.path.clone())
+                .map(|b| b.url.path().to_string())
                 .unwrap_or_default();
             let backends = svc
                 .backends

@@ -32,7 +32,7 @@ pub struct Shape {
 impl Shape {
     pub fn of(config: &str) -> Shape {
         let mut servers = ServerTable::new();
-        let mut skeleton: u64 = 0xcbf29ce484222325;
+        let mut skeleton = crate::fnv::Fnv::default();
         let mut backend: Option<String> = None;
         let mut header = true;
         for line in config.lines() {
@@ -61,12 +61,10 @@ impl Shape {
                 ([_, ..], _) if !indented => backend = None,
                 _ => {}
             }
-            for b in line.bytes().chain([b'\n']) {
-                skeleton ^= u64::from(b);
-                skeleton = skeleton.wrapping_mul(0x100000001b3);
-            }
+            skeleton.write(line.as_bytes());
+            skeleton.write(b"\n");
         }
-        Shape { skeleton, servers }
+        Shape { skeleton: skeleton.finish(), servers }
     }
 }
 

@@ -1,28 +1,67 @@
-//! watson's settings: from the seed command line or from
-//! `/etc/datawire/watson.yaml` plus one file per service in `services_dir`.
+//! watson's settings: the seed command line
+//! (`watson -d //services/directory //services/emitter http://vm101/emitter 3`)
+//! or `/etc/datawire/watson.yaml` plus one file per service in its
+//! services dir, merged by [`resolve`]: `-d` flags beat the file's
+//! directories, positional arguments replace the file's services.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config_file::{self, FileError, Seconds};
 use crate::model::{DirectoryAddr, InstanceUrl, ServiceName, Version};
 
 pub const DEFAULT_CONFIG: &str = "/etc/datawire/watson.yaml";
 pub const DEFAULT_SERVICES_DIR: &str = "/etc/datawire.d/";
+const DEFAULT_PERIOD: Duration = Duration::from_secs(3);
 
+/// Checks a service instance's liveness and heartbeats it to the directory.
+///
+/// Seed form: `watson -d //services/directory //services/emitter http://vm101/emitter 3`.
+/// With no positional arguments, reads the config file (-c).
+#[derive(Debug, Default, clap::Parser)]
+#[command(name = "watson", about, disable_version_flag = true)]
+pub struct Args {
+    /// A directory to heartbeat to (repeat for several): http://host:port,
+    /// host:port, host or //host/directory.
+    #[arg(short = 'd', long = "directory")]
+    pub directories: Vec<String>,
+    /// The service's name: `emitter` or `//services/emitter`.
+    pub service: Option<String>,
+    /// The instance's base URL: http://host[:port][/path].
+    pub url: Option<String>,
+    /// Seconds (or a duration such as 500ms) between checks; the TTL is 3x this.
+    pub period: Option<String>,
+    /// The version this instance runs (routes give versions their weights) [default: v1].
+    #[arg(long, id = "instance_version")]
+    pub version: Option<String>,
+    /// The liveness URL; default <URL>/liveness_check. 2xx is alive.
+    #[arg(long)]
+    pub check_url: Option<String>,
+    /// Passing checks in a row that bring a failed instance back [default: 2].
+    #[arg(long)]
+    pub rise: Option<u32>,
+    /// Failing checks in a row that take the instance out [default: 2].
+    #[arg(long)]
+    pub fall: Option<u32>,
+    /// How long one check may take (at most the period) [default: 2s].
+    #[arg(long, value_parser = config_file::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// The config file read when no service is given on the command line.
+    #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}
+
+/// Why watson's settings were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}:{line}:{column}: {message}")]
-    Yaml { path: PathBuf, line: usize, column: usize, message: String },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("{0}")]
+    Flag(String),
 }
 
 /// One service instance on this host that watson looks after.
@@ -92,80 +131,66 @@ pub struct Config {
 /// `/etc/datawire/watson.yaml`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileConfig {
-    directories: Vec<DirectoryAddr>,
+pub struct FileConfig {
+    pub directories: Vec<DirectoryAddr>,
     #[serde(default)]
-    services_dir: Option<PathBuf>,
+    pub services_dir: Option<PathBuf>,
 }
 
 /// One file in the services dir.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ServiceFile {
+pub struct ServiceFile {
     #[serde(alias = "service")]
-    name: ServiceName,
-    url: InstanceUrl,
+    pub name: ServiceName,
+    pub url: InstanceUrl,
     #[serde(default)]
-    version: Option<Version>,
+    pub version: Option<Version>,
     #[serde(default)]
-    check_url: Option<String>,
+    pub check_url: Option<String>,
     /// Seconds, or a duration such as `500ms`.
     #[serde(default)]
-    period: Option<serde_yaml::Value>,
+    pub period: Option<Seconds>,
     #[serde(default)]
-    rise: Option<u32>,
+    pub rise: Option<u32>,
     #[serde(default)]
-    fall: Option<u32>,
+    pub fall: Option<u32>,
 }
 
-fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    serde_yaml::from_str(&text).map_err(|e| {
-        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((1, 1));
-        ConfigError::Yaml { path: path.into(), line, column, message: e.to_string() }
-    })
+/// What the config files hold: watson.yaml and its service files, each
+/// with the path it was read from (for errors).
+#[derive(Debug)]
+pub struct Files {
+    pub path: PathBuf,
+    pub config: FileConfig,
+    pub services: Vec<(PathBuf, ServiceFile)>,
 }
 
 /// Parses a period: a bare number is seconds (as in `watson ... 3`).
 pub fn parse_period(raw: &str) -> Result<Duration, String> {
-    if let Ok(secs) = raw.parse::<f64>() {
-        if secs.is_finite() && secs > 0.0 {
-            return Ok(Duration::from_secs_f64(secs));
-        }
-    }
-    humantime::parse_duration(raw)
-        .map_err(|_| format!("invalid period {raw:?}: expected seconds (3, 0.5) or a duration (500ms, 2s)"))
+    config_file::parse_duration(raw)
+}
+
+/// Reads the files only when the command line does not name a service.
+pub fn load(args: Args) -> Result<Config, ConfigError> {
+    let files = if args.service.is_none() { Some(read_files(&args.config)?) } else { None };
+    resolve(args, files)
 }
 
 /// Reads watson.yaml and every `*.yaml` in its services dir.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let file: FileConfig = read_yaml(path)?;
-    if file.directories.is_empty() {
-        return Err(ConfigError::Invalid {
-            path: path.into(),
-            message: "directories: list at least one directory".into(),
-        });
-    }
-    let dir = file.services_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_SERVICES_DIR));
+pub fn read_files(path: &Path) -> Result<Files, ConfigError> {
+    let config: FileConfig = config_file::load(path)?;
+    let dir = config.services_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SERVICES_DIR));
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(|source| ConfigError::Read { path: dir.clone(), source })?
+        .map_err(|source| FileError::Read { path: dir.clone(), source })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
         .collect();
     paths.sort();
     let mut services = Vec::new();
     for p in paths {
-        let s: ServiceFile = read_yaml(&p)?;
-        let invalid = |message: String| ConfigError::Invalid { path: p.clone(), message };
-        let period = match &s.period {
-            None => Duration::from_secs(3),
-            Some(serde_yaml::Value::Number(n)) => parse_period(&n.to_string()).map_err(invalid)?,
-            Some(serde_yaml::Value::String(t)) => parse_period(t).map_err(invalid)?,
-            Some(other) => return Err(invalid(format!("period: expected seconds or a duration, got {other:?}"))),
-        };
-        let service =
-            ServiceConfig::new(s.name, s.url, s.version, s.check_url, period, s.rise, s.fall, None).map_err(invalid)?;
-        services.push(service);
+        let service: ServiceFile = config_file::load(&p)?;
+        services.push((p, service));
     }
     if services.is_empty() {
         return Err(ConfigError::Invalid {
@@ -173,7 +198,62 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             message: "no *.yaml service files here; watson has nothing to watch".into(),
         });
     }
-    Ok(Config { directories: file.directories, services })
+    Ok(Files { path: path.to_path_buf(), config, services })
+}
+
+/// Merges the command line and the files, and checks every value once.
+pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> {
+    let flag = ConfigError::Flag;
+    let mut directories = args
+        .directories
+        .iter()
+        .map(|d| d.parse::<DirectoryAddr>().map_err(|e| flag(format!("-d: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    if directories.is_empty() {
+        if let Some(files) = &files {
+            if files.config.directories.is_empty() {
+                return Err(ConfigError::Invalid {
+                    path: files.path.clone(),
+                    message: "directories: list at least one directory".into(),
+                });
+            }
+            directories = files.config.directories.clone();
+        }
+    }
+    let services = match (&args.service, &args.url, &args.period, files) {
+        (Some(service), Some(url), Some(period), _) => {
+            let name: ServiceName = service.parse().map_err(|e| flag(format!("SERVICE: {e}")))?;
+            let url: InstanceUrl = url.parse().map_err(|e| flag(format!("URL: {e}")))?;
+            let period = parse_period(period).map_err(|e| flag(format!("PERIOD: {e}")))?;
+            let version = args
+                .version
+                .as_deref()
+                .map(str::parse::<Version>)
+                .transpose()
+                .map_err(|e| flag(format!("--version: {e}")))?;
+            let service =
+                ServiceConfig::new(name, url, version, args.check_url, period, args.rise, args.fall, args.timeout)
+                    .map_err(flag)?;
+            vec![service]
+        }
+        (Some(_), _, _, _) => {
+            return Err(flag("give SERVICE URL PERIOD together, e.g. //services/emitter http://vm101/emitter 3".into()))
+        }
+        (None, _, _, Some(files)) => files
+            .services
+            .into_iter()
+            .map(|(path, s)| {
+                let period = s.period.map_or(DEFAULT_PERIOD, |p| p.0);
+                ServiceConfig::new(s.name, s.url, s.version, s.check_url, period, s.rise, s.fall, None)
+                    .map_err(|message| ConfigError::Invalid { path, message })
+            })
+            .collect::<Result<_, _>>()?,
+        (None, _, _, None) => return Err(flag("give SERVICE URL PERIOD, or a config file with -c".into())),
+    };
+    if directories.is_empty() {
+        return Err(flag("-d: give at least one directory, e.g. -d //services/directory".into()));
+    }
+    Ok(Config { directories, services })
 }
 
 #[cfg(test)]
@@ -189,6 +269,67 @@ mod tests {
         assert!(parse_period("soon").is_err());
     }
 
+    fn args(list: &[&str]) -> Args {
+        use clap::Parser as _;
+        Args::try_parse_from(std::iter::once("watson").chain(list.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_seed_form_and_its_defaults() {
+        let c = resolve(args(&["-d", "//services/directory", "//services/emitter", "http://vm101/emitter", "3"]), None)
+            .unwrap();
+        assert_eq!(c.directories[0].base(), "http://services:7575");
+        let s = &c.services[0];
+        assert_eq!(
+            (s.name.as_str(), s.version.as_str(), s.period, s.rise, s.fall),
+            ("emitter", "v1", Duration::from_secs(3), 2, 2)
+        );
+        assert_eq!(s.timeout, Duration::from_secs(2));
+        assert_eq!(s.check_url, "http://vm101/emitter/liveness_check");
+        let c = resolve(
+            args(&["-d", "d", "e", "http://h", "1", "--version", "v2", "--rise", "3", "--timeout", "5s"]),
+            None,
+        )
+        .unwrap();
+        let s = &c.services[0];
+        assert_eq!((s.version.as_str(), s.rise), ("v2", 3));
+        assert_eq!(s.timeout, Duration::from_secs(1), "a check ends before the next is due");
+    }
+
+    #[test]
+    fn flags_beat_the_files_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("e.yaml"), "name: emitter\nurl: http://vm101/emitter\n").unwrap();
+        let files = || Files {
+            path: "watson.yaml".into(),
+            config: FileConfig { directories: vec!["filedir".parse().unwrap()], services_dir: None },
+            services: vec![(
+                tmp.path().join("e.yaml"),
+                config_file::load::<ServiceFile>(&tmp.path().join("e.yaml")).unwrap(),
+            )],
+        };
+        let c = resolve(Args::default(), Some(files())).unwrap();
+        assert_eq!(c.directories[0].base(), "http://filedir:7575");
+        assert_eq!(c.services[0].period, DEFAULT_PERIOD);
+        let c = resolve(args(&["-d", "flagdir"]), Some(files())).unwrap();
+        assert_eq!(c.directories[0].base(), "http://flagdir:7575");
+    }
+
+    #[test]
+    fn bad_flags_name_themselves() {
+        let cases: [(&[&str], &str); 5] = [
+            (&["-d", "ftp://x", "e", "http://h", "1"], "-d: invalid directory address"),
+            (&["e", "http://h", "1"], "-d: give at least one directory"),
+            (&["-d", "d", "E", "http://h", "1"], "SERVICE: invalid service name"),
+            (&["-d", "d", "e", "h", "1"], "URL: invalid instance URL"),
+            (&["-d", "d", "e", "http://h", "soon"], "PERIOD: invalid duration"),
+        ];
+        for (flags, want) in cases {
+            let err = resolve(args(flags), None).unwrap_err().to_string();
+            assert!(err.contains(want), "{flags:?}: {err}");
+        }
+    }
+
     #[test]
     fn loads_a_config_dir_and_reports_bad_files() {
         let tmp = tempfile::tempdir().unwrap();
@@ -202,8 +343,9 @@ mod tests {
             "name: emitter\nurl: http://vm101/emitter\nperiod: 1\nversion: v2\n",
         )
         .unwrap();
+        let load = |cfg: &Path| read_files(cfg).and_then(|files| resolve(Args::default(), Some(files)));
         let config = load(&cfg).unwrap();
-        assert_eq!(config.directories[0].base, "http://services:7575");
+        assert_eq!(config.directories[0].base(), "http://services:7575");
         let s = &config.services[0];
         assert_eq!((s.name.as_str(), s.version.as_str(), s.period), ("emitter", "v2", Duration::from_secs(1)));
         assert_eq!(s.check_url, "http://vm101/emitter/liveness_check");

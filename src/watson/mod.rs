@@ -12,7 +12,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Backoff, DirectoryClient};
+use crate::backoff::Backoff;
+use crate::client::DirectoryClient;
 use crate::model::{Heartbeat, InstanceId};
 pub use config::{Config, ServiceConfig};
 
@@ -154,9 +155,9 @@ async fn heartbeat_loop(
         }
         let healthy = *state.borrow_and_update();
         let result = if healthy {
-            client.heartbeat(&id, &heartbeat).await
+            client.heartbeat(&id, &heartbeat).await.map(drop)
         } else if told != Some(false) {
-            client.deregister(&id).await
+            client.deregister(&id).await.map(drop)
         } else {
             next = tokio::time::Instant::now() + service.period;
             continue;
@@ -180,7 +181,7 @@ async fn heartbeat_loop(
     }
     if told != Some(false) {
         match client.deregister(&id).await {
-            Ok(()) => tracing::info!(instance = %id, directory = %client.addr, "deregistered at shutdown"),
+            Ok(_) => tracing::info!(instance = %id, directory = %client.addr, "deregistered at shutdown"),
             Err(e) => {
                 tracing::warn!(instance = %id, error = %e, "could not deregister at shutdown; the directory will expire it")
             }

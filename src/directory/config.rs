@@ -1,0 +1,255 @@
+//! The directory's settings: command-line flags, the optional config file
+//! (`-c /etc/datawire/directory.yaml`) and the defaults, merged by one
+//! function, [`resolve`]: a flag beats the file, the file beats the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config_file::{self, FileError, Seconds};
+use crate::gitsync::RepoUrl;
+use crate::model::DirectoryAddr;
+
+/// The listen address when neither a flag nor the file gives one.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7575";
+const DEFAULT_BRANCH: &str = "main";
+const DEFAULT_ROUTES_DIR: &str = "routes";
+const DEFAULT_POLL: Duration = Duration::from_secs(15);
+const DEFAULT_MAX_TTL: Duration = Duration::from_secs(10);
+/// Polling faster than this only loads the git server.
+const MIN_POLL: Duration = Duration::from_millis(100);
+
+/// Keeps the registry of live service instances and serves snapshots to sherlocks.
+#[derive(Debug, Default, clap::Parser)]
+#[command(name = "directory", version, about)]
+pub struct Args {
+    /// The name this directory reports (dstack's `-n services`) [default: services].
+    #[arg(short = 'n', long)]
+    pub name: Option<String>,
+    /// The address it is known by, e.g. //services/directory; shown in status.
+    #[arg(short = 'a', long)]
+    pub address: Option<String>,
+    /// Where the HTTP API listens [default: 0.0.0.0:7575].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Where the directory keeps its state (the routes mirror)
+    /// [default: a per-port folder in the temp dir].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The routes repo to follow: a URL git understands (ssh, https, file://)
+    /// or a local path. Without it, every live instance gets equal traffic.
+    #[arg(long)]
+    pub repo: Option<String>,
+    /// The branch of the routes repo to follow [default: main].
+    #[arg(long)]
+    pub branch: Option<String>,
+    /// The folder of routes files inside the repo [default: routes].
+    #[arg(long)]
+    pub routes_dir: Option<String>,
+    /// How often to fetch the repo; a webhook (POST /v1/reconcile) fetches
+    /// at once [default: 15s].
+    #[arg(long, value_parser = config_file::parse_duration)]
+    pub poll: Option<Duration>,
+    /// The largest TTL a heartbeat may ask for; a fresh directory marks its
+    /// snapshots `warming` for this long [default: 10s].
+    #[arg(long, value_parser = config_file::parse_duration)]
+    pub max_ttl: Option<Duration>,
+    /// A YAML file with any of the settings above (flags win).
+    #[arg(short = 'c', long)]
+    pub config: Option<PathBuf>,
+}
+
+/// The config file's form: the flags' names, in snake case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub name: Option<String>,
+    pub address: Option<String>,
+    pub listen: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+    pub repo: Option<String>,
+    pub branch: Option<String>,
+    pub routes_dir: Option<String>,
+    pub poll: Option<Seconds>,
+    pub max_ttl: Option<Seconds>,
+}
+
+/// Where the desired state comes from.
+#[derive(Debug, Clone)]
+pub struct RepoConfig {
+    /// A URL git understands, or a local path; it shows without credentials.
+    pub url: RepoUrl,
+    /// A valid git branch name.
+    pub branch: String,
+    /// The folder of routes files inside the repo, without slashes at
+    /// either end.
+    pub routes_dir: String,
+    /// How often to fetch when nothing else asks.
+    pub poll: Duration,
+}
+
+/// Validated settings of one directory.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The name it reports (`-n services`).
+    pub name: String,
+    /// The address it advertises (`-a //services/directory`), for status only.
+    pub address: Option<DirectoryAddr>,
+    /// Where the HTTP API listens.
+    pub listen: SocketAddr,
+    /// Where it keeps its state (the routes mirror).
+    pub state_dir: PathBuf,
+    /// The routes repo, if desired state comes from git.
+    pub repo: Option<RepoConfig>,
+    /// The largest TTL a heartbeat may ask for; also how long a fresh
+    /// directory marks its snapshots `warming`.
+    pub max_ttl: Duration,
+}
+
+/// A setting that was refused; the message names the flag or file key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Reads the config file the flags name, if any, and resolves.
+pub fn load(args: Args) -> Result<Config, ConfigError> {
+    let file = args.config.as_deref().map(config_file::load::<FileConfig>).transpose()?;
+    resolve(args, file)
+}
+
+/// Merges flags, file and defaults, and checks every value once.
+pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigError> {
+    let file = file.unwrap_or_default();
+    let invalid = |m: String| ConfigError::Invalid(m);
+    let name = args.name.or(file.name).unwrap_or_else(|| "services".to_string());
+    if name.is_empty() || name.len() > 128 || name.contains(char::is_control) {
+        return Err(invalid(format!("-n/name {name:?}: 1 to 128 printable characters")));
+    }
+    let address = args
+        .address
+        .or(file.address)
+        .map(|a| a.parse::<DirectoryAddr>().map_err(|e| invalid(format!("-a/address: {e}"))))
+        .transpose()?;
+    let listen = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid default"));
+    let state_dir = args
+        .state_dir
+        .or(file.state_dir)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("dstack-directory-{}", listen.port())));
+    let poll = args.poll.or(file.poll.map(|s| s.0)).unwrap_or(DEFAULT_POLL);
+    if poll < MIN_POLL {
+        return Err(invalid(format!("--poll {}: use at least 100ms", humantime::format_duration(poll))));
+    }
+    let max_ttl = args.max_ttl.or(file.max_ttl.map(|s| s.0)).unwrap_or(DEFAULT_MAX_TTL);
+    if max_ttl > Duration::from_secs(3600) {
+        return Err(invalid(format!("--max-ttl {}: at most 1h", humantime::format_duration(max_ttl))));
+    }
+    let branch = args.branch.or(file.branch).unwrap_or_else(|| DEFAULT_BRANCH.to_string());
+    if !git2::Reference::is_valid_name(&format!("refs/heads/{branch}")) {
+        return Err(invalid(format!("--branch {branch:?}: not a valid git branch name")));
+    }
+    let routes_dir = args.routes_dir.or(file.routes_dir).unwrap_or_else(|| DEFAULT_ROUTES_DIR.to_string());
+    let routes_dir = check_routes_dir(&routes_dir)?;
+    let repo = match args.repo.or(file.repo) {
+        Some(url) if url.is_empty() || url.contains(char::is_control) => {
+            return Err(invalid(format!("--repo {}: not a git URL or path", RepoUrl::new(&url))));
+        }
+        Some(url) => Some(RepoConfig { url: RepoUrl::new(&url), branch, routes_dir, poll }),
+        None => None,
+    };
+    Ok(Config { name, address, listen, state_dir, repo, max_ttl })
+}
+
+/// A folder inside the repo: relative, no `..`, no empty segment.
+fn check_routes_dir(raw: &str) -> Result<String, ConfigError> {
+    let dir = raw.trim_matches('/');
+    let ok = !dir.is_empty()
+        && !raw.starts_with('/')
+        && Path::new(dir).components().all(|c| matches!(c, std::path::Component::Normal(_)))
+        && !dir.contains("//");
+    if ok {
+        Ok(dir.to_string())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "--routes-dir {raw:?}: expected a folder inside the repo, such as `routes` or `deploy/routes`"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    fn args(list: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("directory").chain(list.iter().copied())).unwrap()
+    }
+
+    fn file(yaml: &str) -> FileConfig {
+        config_file::parse(Path::new("directory.yaml"), yaml).unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = resolve(args(&[]), None).unwrap();
+        assert_eq!(c.name, "services");
+        assert_eq!(c.listen, "0.0.0.0:7575".parse().unwrap());
+        assert_eq!(c.max_ttl, Duration::from_secs(10));
+        assert!(c.repo.is_none());
+        assert!(c.state_dir.ends_with("dstack-directory-7575"));
+        let c = resolve(args(&["--repo", "/srv/routes"]), None).unwrap();
+        let repo = c.repo.unwrap();
+        assert_eq!((repo.branch.as_str(), repo.routes_dir.as_str(), repo.poll), ("main", "routes", DEFAULT_POLL));
+    }
+
+    #[test]
+    fn a_flag_beats_the_file_and_the_file_beats_the_default() {
+        let f = || file("name: east\nlisten: 127.0.0.1:9000\nrepo: /srv/r\nbranch: prod\npoll: 2\nmax_ttl: 30s\n");
+        let c = resolve(args(&[]), Some(f())).unwrap();
+        assert_eq!(c.name, "east");
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.max_ttl, Duration::from_secs(30));
+        let repo = c.repo.unwrap();
+        assert_eq!((repo.url.expose(), repo.branch.as_str(), repo.poll), ("/srv/r", "prod", Duration::from_secs(2)));
+        let c = resolve(
+            args(&["-n", "west", "--listen", "127.0.0.1:9100", "--branch", "main", "--poll", "1s", "--max-ttl", "5s"]),
+            Some(f()),
+        )
+        .unwrap();
+        assert_eq!(c.name, "west");
+        assert_eq!(c.listen.port(), 9100);
+        assert_eq!(c.max_ttl, Duration::from_secs(5));
+        let repo = c.repo.unwrap();
+        assert_eq!((repo.url.expose(), repo.branch.as_str(), repo.poll), ("/srv/r", "main", Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn every_bad_value_names_its_flag() {
+        let cases: [(&[&str], &str); 6] = [
+            (&["--poll", "10ms"], "--poll 10ms: use at least 100ms"),
+            (&["--branch", "a..b"], "--branch \"a..b\": not a valid git branch name"),
+            (&["--branch", "has space"], "not a valid git branch name"),
+            (&["--routes-dir", "../etc"], "--routes-dir \"../etc\": expected a folder inside the repo"),
+            (&["--routes-dir", "/abs"], "expected a folder inside the repo"),
+            (&["-a", "ftp://x"], "-a/address: invalid directory address"),
+        ];
+        for (flags, want) in cases {
+            let err = resolve(args(flags), None).unwrap_err().to_string();
+            assert!(err.contains(want), "{flags:?}: {err}");
+        }
+        assert!(resolve(args(&["--routes-dir", "deploy/routes/"]), None).is_ok());
+    }
+
+    #[test]
+    fn the_file_is_checked_with_its_line_and_column() {
+        let err = config_file::parse::<FileConfig>(Path::new("d.yaml"), "name: x\nlisten: nowhere\n").unwrap_err();
+        assert!(err.to_string().starts_with("d.yaml:2:9: "), "{err}");
+        let err = config_file::parse::<FileConfig>(Path::new("d.yaml"), "nmae: x\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `nmae`"), "{err}");
+    }
+}

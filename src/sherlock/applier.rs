@@ -1,0 +1,433 @@
+//! The applier: takes the newest snapshot, renders `haproxy.cfg`, diffs
+//! it against what runs, and applies only the difference: server changes
+//! through the Runtime API, anything else by a checked, seamless reload.
+//!
+//! [`Applier::pass`] is one idempotent pass in the reconciler's shape
+//! (render desired, read observed, diff, act on a difference); it returns
+//! when it next needs to run. Retry timing is its error policy, kept apart.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use super::admin;
+use super::config::ApplyMode;
+use super::haproxy::Haproxy;
+use super::quiescence::Quiescence;
+use super::render::{self, Renderer, Site};
+use super::runtime;
+use crate::backoff::Backoff;
+use crate::model::{ClientName, Snapshot, SnapshotId};
+
+/// From a warming snapshot, backends are added but none removed: a directory
+/// that has just restarted has not heard every heartbeat yet.
+pub fn keep_backends(previous: &Snapshot, next: &Snapshot) -> Snapshot {
+    let mut merged = next.clone();
+    for (name, prev) in &previous.services {
+        let svc = merged.services.entry(name.clone()).or_default();
+        for backend in &prev.backends {
+            if !svc.backends.iter().any(|b| b.id == backend.id) {
+                svc.backends.push(backend.clone());
+            }
+        }
+        svc.backends.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    merged
+}
+
+/// Writes a file so that readers see the old or the new content, never half.
+pub fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// A server being drained: it takes no new requests and is deleted once
+/// its connections end, or after `DRAIN_LIMIT`.
+struct Draining {
+    line: runtime::ServerLine,
+    since: Instant,
+}
+
+/// The longest a removed server is kept for its open connections.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// The applier's state: what runs now.
+pub struct Applier {
+    renderer: Renderer,
+    site: Site,
+    pub haproxy: Haproxy,
+    mode: ApplyMode,
+    /// The config HAProxy runs (the file in place, modulo runtime changes
+    /// already written to it).
+    running: String,
+    /// `running` read for the runtime plan, kept so only the candidate is
+    /// read on each change (10,000 servers take milliseconds to read).
+    running_shape: runtime::Shape,
+    /// The snapshot it was rendered from, after warming merges and with this
+    /// client's routes in place.
+    applied: Snapshot,
+    /// Whose per-client routes to follow.
+    client: ClientName,
+    /// The applied snapshot, watched by the subscriber to report it at once.
+    applied_id: watch::Sender<SnapshotId>,
+    /// Servers removed from the config that HAProxy still holds.
+    draining: BTreeMap<(String, String), Draining>,
+    shared: Arc<admin::Shared>,
+    /// Batches changes that come close together.
+    quiescence: Quiescence,
+    /// The error policy: a failed apply is retried with backoff until it
+    /// succeeds or a newer snapshot replaces it.
+    retries: Backoff,
+}
+
+/// True when a Runtime API answer reports success. A command that succeeds
+/// silently still answers an empty line; no bytes at all means the
+/// connection dropped (a reload in between) and the command may be lost.
+fn runtime_ok(answer: &str) -> bool {
+    let a = answer.trim();
+    !answer.is_empty() && (a.is_empty() || a.starts_with("New server registered") || a.starts_with("Server deleted"))
+}
+
+impl Applier {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        renderer: Renderer,
+        site: Site,
+        haproxy: Haproxy,
+        mode: ApplyMode,
+        client: ClientName,
+        coalesce: Duration,
+        applied_id: watch::Sender<SnapshotId>,
+        shared: Arc<admin::Shared>,
+    ) -> Applier {
+        Applier {
+            renderer,
+            site,
+            haproxy,
+            mode,
+            running: String::new(),
+            running_shape: runtime::Shape::default(),
+            applied: Snapshot::default(),
+            client,
+            applied_id,
+            draining: BTreeMap::new(),
+            shared,
+            quiescence: Quiescence::new(coalesce, Duration::from_secs(1)),
+            retries: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+        }
+    }
+
+    /// A new snapshot arrived at `now`: when to apply it.
+    pub fn on_change(&mut self, now: Instant) -> Instant {
+        self.quiescence.on_change(now)
+    }
+
+    /// One pass: applies `next` if its config differs from what runs.
+    /// Returns when to run again: None when done, a retry time on failure.
+    pub async fn pass(&mut self, next: &Snapshot) -> Option<Instant> {
+        let result = self.apply(next).await;
+        let waited = self.quiescence.applied(Instant::now());
+        match result {
+            Ok(()) => {
+                self.metrics().observe_apply(waited);
+                self.retries.reset();
+                self.correct_drift().await;
+                None
+            }
+            Err(e) => {
+                self.metrics().failed_applies.fetch_add(1, Ordering::Relaxed);
+                let e = format!("{e:#}");
+                let delay = self.retries.next_delay();
+                tracing::error!(index = next.index, error = %e, retry_in = ?delay, "snapshot not applied; the running config stays");
+                self.shared.status.lock().unwrap().last_error = Some(e);
+                Some(Instant::now() + delay)
+            }
+        }
+    }
+
+    fn snapshot_file(&self) -> std::path::PathBuf {
+        self.haproxy.paths.run_dir.join("snapshot.json")
+    }
+
+    fn metrics(&self) -> &admin::Metrics {
+        &self.shared.metrics
+    }
+
+    /// Sends Runtime API commands in order; the first refusal stops them.
+    async fn runtime(&self, commands: &[String]) -> anyhow::Result<()> {
+        for command in commands {
+            let answer = self.haproxy.runtime_command(command).await?;
+            self.metrics().runtime_commands.fetch_add(1, Ordering::Relaxed);
+            if !runtime_ok(&answer) {
+                anyhow::bail!("haproxy refused `{command}`: {}", answer.trim());
+            }
+            tracing::debug!(%command, "runtime api");
+        }
+        Ok(())
+    }
+
+    /// Renders `next`, and applies it if the config differs from what runs.
+    async fn apply(&mut self, next: &Snapshot) -> anyhow::Result<()> {
+        use tracing::Instrument as _;
+        // Instrumented, not entered: a guard held across `.await` would put
+        // other tasks' log lines in this span (and make the future !Send).
+        let span = tracing::info_span!("apply", epoch = next.epoch, index = next.index, warming = next.warming);
+        self.apply_in_span(next).instrument(span).await
+    }
+
+    async fn apply_in_span(&mut self, next: &Snapshot) -> anyhow::Result<()> {
+        let mine = next.for_client(Some(&self.client));
+        let effective = if next.warming { keep_backends(&self.applied, &mine) } else { mine };
+        let candidate = self.renderer.render(&self.site, &effective)?;
+        let changed = match render::diff(&self.running, &candidate) {
+            None => {
+                tracing::debug!("config unchanged");
+                self.metrics().unchanged.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Some(diff) => {
+                tracing::info!("haproxy.cfg changes:\n{diff}");
+                if !self.apply_at_runtime(&candidate).await {
+                    self.reload(&candidate).await?;
+                }
+                true
+            }
+        };
+        self.applied = effective;
+        self.metrics().applied_index.store(next.index, Ordering::Relaxed);
+        self.applied_id.send_replace(next.id());
+        {
+            let mut status = self.shared.status.lock().unwrap();
+            status.applied_epoch = next.epoch;
+            status.applied_index = next.index;
+            status.applied_commit = next.commit.clone();
+            status.services = self.applied.services.len();
+            status.servers = self.applied.services.values().map(|s| s.backends.len()).sum();
+            status.draining = self.draining.len();
+            status.last_error = None;
+        }
+        // The saved snapshot only has to render what runs: an unchanged
+        // config needs no new copy on disk.
+        if !changed {
+            return Ok(());
+        }
+        if let Ok(json) = serde_json::to_string(&self.applied) {
+            if let Err(e) = write_atomic(&self.snapshot_file(), &json) {
+                tracing::warn!(error = %e, "could not save the snapshot for a fast restart");
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a server-only change through the Runtime API; false when a
+    /// reload is needed instead (or the runtime change failed part-way: the
+    /// reload then puts everything right).
+    async fn apply_at_runtime(&mut self, candidate: &str) -> bool {
+        if self.mode != ApplyMode::Runtime || !self.haproxy.is_running() {
+            return false;
+        }
+        let lines: BTreeMap<(String, String), runtime::ServerLine> =
+            self.draining.iter().map(|(k, d)| (k.clone(), d.line.clone())).collect();
+        let shape = runtime::Shape::of(candidate);
+        let Some(ops) = runtime::plan(&self.running_shape, &shape, &lines) else { return false };
+        let commands: Vec<String> = ops.iter().flat_map(runtime::Op::commands).collect();
+        if let Err(e) = self.runtime(&commands).await {
+            tracing::warn!(error = format!("{e:#}"), "runtime change failed; reloading instead");
+            return false;
+        }
+        let old = &self.running_shape.servers;
+        for op in &ops {
+            match op {
+                runtime::Op::Drain { backend, server } => {
+                    if let Some(line) = old.get(backend).and_then(|s| s.get(server)) {
+                        self.draining.insert(
+                            (backend.clone(), server.clone()),
+                            Draining { line: line.clone(), since: Instant::now() },
+                        );
+                    }
+                }
+                runtime::Op::Undrain { backend, server, .. } => {
+                    self.draining.remove(&(backend.clone(), server.clone()));
+                }
+                _ => {}
+            }
+        }
+        // The file matches what runs, so a later reload reproduces it.
+        if let Err(e) = write_atomic(&self.haproxy.paths.config, candidate) {
+            tracing::warn!(error = %e, "could not write haproxy.cfg after a runtime change");
+        }
+        self.running = candidate.to_string();
+        self.running_shape = shape;
+        self.metrics().runtime_applies.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(commands = commands.len(), "applied through the runtime api, no reload");
+        true
+    }
+
+    /// Checks the candidate, puts it in place and reloads seamlessly.
+    async fn reload(&mut self, candidate: &str) -> anyhow::Result<()> {
+        let paths = self.haproxy.paths.clone();
+        std::fs::write(&paths.candidate, candidate).context("writing the candidate config")?;
+        self.haproxy.check(&paths.candidate).await?;
+        std::fs::rename(&paths.candidate, &paths.config).context("moving the candidate into place")?;
+        if let Err(e) = self.haproxy.reload().await {
+            self.metrics().failed_reloads.fetch_add(1, Ordering::Relaxed);
+            // Put back the file that matches the worker still serving.
+            write_atomic(&paths.config, &self.running).ok();
+            return Err(e.into());
+        }
+        self.metrics().reloads.fetch_add(1, Ordering::Relaxed);
+        // The new worker has only what the file lists: nothing drains.
+        self.draining.clear();
+        self.running = candidate.to_string();
+        self.running_shape = runtime::Shape::of(candidate);
+        tracing::info!("haproxy reloaded");
+        Ok(())
+    }
+
+    /// Deletes drained servers whose connections have ended.
+    pub async fn reap(&mut self) {
+        if self.draining.is_empty() || !self.haproxy.is_running() {
+            return;
+        }
+        let sessions = match self.haproxy.runtime_command("show stat -1 4 -1").await {
+            Ok(csv) => parse_sessions(&csv),
+            Err(_) => return,
+        };
+        let mut done = Vec::new();
+        for ((backend, server), d) in &self.draining {
+            let busy = sessions.get(&(backend.clone(), server.clone())).copied().unwrap_or(0);
+            if busy > 0 && d.since.elapsed() < DRAIN_LIMIT {
+                continue;
+            }
+            let commands =
+                [format!("set server {backend}/{server} state maint"), format!("del server {backend}/{server}")];
+            match self.runtime(&commands).await {
+                Ok(()) => done.push((backend.clone(), server.clone())),
+                Err(e) if e.to_string().contains("No such server") => done.push((backend.clone(), server.clone())),
+                Err(e) => tracing::debug!(error = %e, "a drained server is not deletable yet"),
+            }
+        }
+        for key in done {
+            tracing::info!(backend = %key.0, server = %key.1, "drained server deleted");
+            self.draining.remove(&key);
+        }
+        self.shared.status.lock().unwrap().draining = self.draining.len();
+    }
+
+    /// Reads the runtime state back and corrects anything that differs from
+    /// the running config (an operator's `set server`, a lost command).
+    pub async fn correct_drift(&mut self) {
+        if !self.haproxy.is_running() {
+            return;
+        }
+        let Ok(text) = self.haproxy.runtime_command("show servers state").await else { return };
+        let actual = runtime::parse_servers_state(&text);
+        let wanted = &self.running_shape.servers;
+        let lines = self.draining.iter().map(|(k, d)| (k.clone(), d.line.clone())).collect();
+        let fixes = runtime::drift(wanted, &actual, &lines);
+        if fixes.is_empty() {
+            return;
+        }
+        tracing::warn!(fixes = ?fixes, "haproxy's runtime state drifted from the config; correcting");
+        self.metrics().drift_corrections.fetch_add(fixes.len() as u64, Ordering::Relaxed);
+        if let Err(e) = self.runtime(&fixes).await {
+            tracing::warn!(error = format!("{e:#}"), "could not correct drift at runtime; reloading");
+            let running = self.running.clone();
+            if let Err(e) = self.reload(&running).await {
+                tracing::error!(error = format!("{e:#}"), "reload after drift failed");
+            }
+        }
+    }
+}
+
+/// Current sessions per (backend, server) from `show stat` CSV.
+fn parse_sessions(csv: &str) -> BTreeMap<(String, String), u64> {
+    csv.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            Some(((f.first()?.to_string(), f.get(1)?.to_string()), f.get(4)?.parse().ok()?))
+        })
+        .collect()
+}
+
+impl Applier {
+    /// Renders `snapshot` (or, if HAProxy rejects that, no services at
+    /// all), puts it in place and starts HAProxy on it.
+    pub async fn start_haproxy(&mut self, snapshot: &Snapshot) -> anyhow::Result<()> {
+        let paths = self.haproxy.paths.clone();
+        let mut config = self.renderer.render(&self.site, snapshot)?;
+        let mut applied = snapshot.clone();
+        write_atomic(&paths.config, &config).context("writing haproxy.cfg")?;
+        if let Err(e) = self.haproxy.check(&paths.config).await {
+            tracing::warn!(error = %e, "the saved snapshot does not render a valid config; starting empty");
+            applied = Snapshot::default();
+            config = self.renderer.render(&self.site, &applied)?;
+            write_atomic(&paths.config, &config).context("writing haproxy.cfg")?;
+            self.haproxy.check(&paths.config).await?;
+        }
+        self.haproxy.start().await?;
+        self.running_shape = runtime::Shape::of(&config);
+        self.running = config;
+        self.applied = applied;
+        self.draining.clear();
+        self.shared.status.lock().unwrap().haproxy_running = true;
+        Ok(())
+    }
+
+    /// Restarts a dead HAProxy on the config in place (which always matches
+    /// what ran); the HAProxy module keeps the backoff.
+    pub async fn restart_haproxy(&mut self) {
+        self.shared.status.lock().unwrap().haproxy_running = false;
+        match self.haproxy.restart().await {
+            Ok(()) => {
+                // A fresh worker holds exactly the file's servers.
+                self.draining.clear();
+                self.shared.status.lock().unwrap().haproxy_running = true;
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                tracing::error!(error = %e, "could not restart haproxy; retrying with backoff");
+                self.shared.status.lock().unwrap().last_error = Some(e);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Backend, ServiceBackends};
+
+    fn snap(index: u64, warming: bool, ids: &[&str]) -> Snapshot {
+        let backends = ids
+            .iter()
+            .map(|id| Backend {
+                id: id.parse().unwrap(),
+                url: "http://h:1".parse().unwrap(),
+                version: "v1".parse().unwrap(),
+                weight: 1,
+            })
+            .collect();
+        let mut s = Snapshot { index, warming, ..Snapshot::default() };
+        s.services.insert("emitter".parse().unwrap(), ServiceBackends { backends });
+        s
+    }
+
+    #[test]
+    fn warming_snapshots_add_but_never_remove() {
+        let prev = snap(5, false, &["a", "b"]);
+        let next = snap(1, true, &["c"]);
+        let merged = keep_backends(&prev, &next);
+        let ids: Vec<&str> =
+            merged.services[&"emitter".parse().unwrap()].backends.iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(merged.index, 1);
+    }
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::env::{heartbeat, metric, ms, pct, ratio, Delta, DirectoryProc, Method, Target};
+use crate::env::{heartbeat, metric_f64, ms, pct, ratio, Delta, DirectoryProc, Method, Target};
 
 pub const INSTANCES: usize = 10_000;
 pub const SERVICES: usize = 1_000;
@@ -195,7 +195,7 @@ async fn cold_with_watson_ttl(tmp: &Path) -> (f64, f64, f64, f64, f64, f64) {
     tokio::time::sleep(COLD_WINDOW).await;
     let (cpu1, secs) = (cpu_seconds(pid), t0.elapsed().as_secs_f64());
     let answered = ok.load(Ordering::SeqCst) as f64 / secs;
-    let m = |name: &'static str| directory.metric(name);
+    let m = async |name: &'static str| directory.metric(name).await as f64;
     let (live, published, expired) = (
         m("dstack_directory_instances").await,
         m("dstack_directory_snapshots_published_total").await,
@@ -229,7 +229,10 @@ async fn propagation_at_scale(tmp: &Path, directory: &DirectoryProc, method: Met
     let before = target.counts(directory).await;
     let apply_metrics = async || {
         let text = target.sherlock_metrics().await?;
-        Some((metric(&text, "dstack_sherlock_apply_seconds_sum"), metric(&text, "dstack_sherlock_apply_seconds_count")))
+        Some((
+            metric_f64(&text, "dstack_sherlock_apply_seconds_sum"),
+            metric_f64(&text, "dstack_sherlock_apply_seconds_count"),
+        ))
     };
     let first = apply_metrics().await;
     let (mut latencies, mut ids) = (Vec::new(), Vec::new());
@@ -298,7 +301,7 @@ pub async fn run() -> String {
     // Steady state: refreshes only; clients catch up if they fall behind.
     let load = HeartbeatLoad::start(addr, &heartbeat_requests(addr, CAP_TTL_MS), true, &ok, &failed);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let m = |name: &'static str| directory.metric(name);
+    let m = async |name: &'static str| directory.metric(name).await as f64;
     let (hb0, pub0, exp0) = (
         m("dstack_directory_heartbeats_total").await,
         m("dstack_directory_snapshots_published_total").await,

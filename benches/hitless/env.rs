@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dstack::sherlock::haproxy::{parse_show_proc, socket_command};
+use dstack::sherlock::haproxy::socket_command;
 use dstack::sherlock::runtime::{self, ADMIN_FORCED_DRAIN, ADMIN_FORCED_MAINT};
 use serde_json::{json, Value};
 
-use crate::common::{free_port, haproxy_pids, Proc};
+use crate::common::{free_port, haproxy_pids, metric, parse_show_proc, try_socket_command, Proc, ProcState};
 use crate::naive::Naive;
 
 /// The shared directory's TTLs: long enough that a busy machine never
@@ -90,22 +90,16 @@ pub fn machine() -> String {
     )
 }
 
-/// The value of the unlabelled sample `name` in Prometheus text; a missing
-/// or unreadable sample fails the benchmark.
-pub fn metric(text: &str, name: &str) -> f64 {
+/// A sample with a fraction (the apply histogram's sum, in seconds), which
+/// the tests' `metric` reads only as a whole number; a missing or
+/// unreadable sample fails the benchmark.
+pub fn metric_f64(text: &str, name: &str) -> f64 {
     let line = text
         .lines()
         .find(|l| l.split_whitespace().next() == Some(name))
         .unwrap_or_else(|| panic!("/metrics has no sample {name}:\n{text}"));
     let value = line.split_whitespace().nth(1).unwrap_or("");
     value.parse().unwrap_or_else(|_| panic!("/metrics: unreadable value in {line:?}"))
-}
-
-/// A counter's value, which must be a whole number.
-fn counter(text: &str, name: &str) -> u64 {
-    let v = metric(text, name);
-    assert!(v >= 0.0 && v.fract() == 0.0, "/metrics: {name} is {v}, not a count");
-    v as u64
 }
 
 // ---------------------------------------------------------------------------
@@ -228,7 +222,7 @@ impl DirectoryProc {
         resp.text().await.unwrap()
     }
 
-    pub async fn metric(&self, name: &str) -> f64 {
+    pub async fn metric(&self, name: &str) -> u64 {
         metric(&self.metrics().await, name)
     }
 
@@ -671,27 +665,32 @@ impl Target {
     }
 
     async fn read_counts(&self, directory: &DirectoryProc) -> Counts {
-        let published = counter(&directory.metrics().await, "dstack_directory_snapshots_published_total");
+        let published = metric(&directory.metrics().await, "dstack_directory_snapshots_published_total");
         match &self.proxy {
             Proxy::Sherlock(..) => {
                 let text = self.sherlock_metrics().await.unwrap();
-                let master = self.run_dir.join("master.sock");
-                let answer = command_retried(&master, "show proc").await;
-                let proc = parse_show_proc(&answer).unwrap_or_else(|| panic!("unreadable `show proc`: {answer:?}"));
-                assert!(!proc.workers.is_empty(), "`show proc` lists no worker: {answer:?}");
+                let proc = show_proc(&self.run_dir.join("master.sock")).await;
                 Counts {
                     published,
-                    applies: counter(&text, "dstack_sherlock_apply_seconds_count"),
-                    runtime_applies: counter(&text, "dstack_sherlock_runtime_applies_total"),
-                    unchanged: counter(&text, "dstack_sherlock_unchanged_total"),
-                    reloads: counter(&text, "dstack_sherlock_reloads_total"),
+                    applies: metric(&text, "dstack_sherlock_apply_seconds_count"),
+                    runtime_applies: metric(&text, "dstack_sherlock_runtime_applies_total"),
+                    unchanged: metric(&text, "dstack_sherlock_unchanged_total"),
+                    reloads: metric(&text, "dstack_sherlock_reloads_total"),
                     haproxy_reloads: proc.reloads,
                     workers: proc.workers,
                 }
             }
             Proxy::Naive(naive) => {
                 let (snapshots, reloads, daemons) = naive.counts();
-                let answer = command_retried(&self.admin_socket, "show info").await;
+                // Retried while a new daemon takes the socket over.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let answer = loop {
+                    match try_socket_command(&self.admin_socket, "show info") {
+                        Ok(answer) if !answer.is_empty() => break answer,
+                        other => assert!(Instant::now() < deadline, "`show info` on the naive daemon: {other:?}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
                 let pid = answer
                     .lines()
                     .find_map(|l| l.strip_prefix("Pid: "))
@@ -784,18 +783,23 @@ impl Target {
     }
 }
 
-/// A command on an HAProxy socket, retried for a few seconds while the
-/// socket is being rebound (the master re-executing for a reload, a new
-/// naive daemon taking over); no answer by then fails the benchmark.
-async fn command_retried(socket: &Path, command: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(5);
+/// `show proc` on a master socket, retried while the master re-executes
+/// itself for a reload (its socket refuses then). An answer that cannot be
+/// read, or none within 10 s, fails the benchmark. (The tests' `show_proc`
+/// polls through `eventually`, whose future is not `Send`: a section runs
+/// in a task of its own.)
+async fn show_proc(socket: &Path) -> ProcState {
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match socket_command(socket, command).await {
-            Ok(answer) if !answer.is_empty() => return answer,
-            Ok(_) if Instant::now() > deadline => panic!("no answer to `{command}` on {}", socket.display()),
-            Err(e) if Instant::now() > deadline => panic!("`{command}` on {}: {e}", socket.display()),
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        match try_socket_command(socket, "show proc") {
+            Ok(answer) if !answer.is_empty() => {
+                let state = parse_show_proc(&answer).unwrap_or_else(|| panic!("unreadable `show proc`: {answer:?}"));
+                assert!(!state.workers.is_empty(), "`show proc` lists no worker: {answer:?}");
+                return state;
+            }
+            other => assert!(Instant::now() < deadline, "`show proc` on {}: {other:?}", socket.display()),
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -7,10 +7,43 @@ use serde::de::DeserializeOwned;
 use crate::model::{DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotId};
 use crate::protocol::{InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck};
 use crate::secret::Secret;
+use crate::tls::ClientTls;
+
+/// An HTTP error with its causes (`error sending request: ...: invalid
+/// peer certificate: UnknownIssuer`) and, for the TLS mistakes people make,
+/// what to do about it.
+pub fn explain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        // hyper and reqwest repeat a cause in their own words at times.
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = e.source();
+    }
+    let hint = if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
+        " (the certificate is not signed by a CA this client trusts: give --ca-file with the CA's certificate)"
+    } else if text.contains("NotValidForName") {
+        " (the certificate does not name this host: use a name or address listed in its subject alternative names)"
+    } else if text.contains("CertificateRequired") || text.contains("certificate required") {
+        " (the directory asks for a client certificate: give --client-cert and --client-key)"
+    } else if text.contains("BadCertificate") || text.contains("UnknownCA") || text.contains("unknown ca") {
+        " (the directory refused this client's certificate: is it signed by the directory's --client-ca?)"
+    } else if text.contains("InvalidContentType") || text.contains("corrupt message") {
+        " (the server does not speak TLS: is it a plain http:// address?)"
+    } else {
+        ""
+    };
+    text + hint
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("directory {addr} is unreachable: {source}")]
+    /// The message carries the whole cause (reqwest's own says only "error
+    /// sending request"), so a certificate problem reads as one.
+    #[error("directory {addr} is unreachable: {}", explain(source))]
     Unreachable {
         addr: DirectoryAddr,
         #[source]
@@ -45,14 +78,22 @@ pub struct DirectoryClient {
 }
 
 impl DirectoryClient {
-    /// `timeout` bounds plain requests; blocking queries get their wait on top.
+    /// `timeout` bounds plain requests; blocking queries get their wait on
+    /// top. An `https://` address trusts the system's roots.
     pub fn new(addr: DirectoryAddr, timeout: Duration) -> DirectoryClient {
-        let http = reqwest::Client::builder()
+        Self::with_tls(addr, timeout, &ClientTls::system())
+    }
+
+    /// As [`DirectoryClient::new`], with the TLS settings of `--ca-file`,
+    /// `--client-cert` and `--client-key` for an `https://` address.
+    pub fn with_tls(addr: DirectoryAddr, timeout: Duration, tls: &ClientTls) -> DirectoryClient {
+        let http = tls
+            .reqwest()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(2)))
             .user_agent(concat!("dstack/", env!("CARGO_PKG_VERSION")))
             .build()
-            .expect("a reqwest client with no TLS and no proxy settings always builds");
+            .expect("a reqwest client with a checked TLS config and no proxy settings always builds");
         DirectoryClient { addr, http, authorization: None }
     }
 

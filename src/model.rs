@@ -276,20 +276,27 @@ impl<'de> Deserialize<'de> for InstanceUrl {
     }
 }
 
-/// Where a directory listens, normalized to `http://host:port`.
+/// Where a directory listens, normalized to `http://host:port` or
+/// `https://host:port`.
 ///
-/// Accepts `http://host:port`, `host:port`, `host`, and the dstack form
-/// `//host/directory`; the default port is 7575.
+/// Accepts `http://host:port`, `https://host:port`, `host:port`, `host`,
+/// and the dstack form `//host/directory` (the last three are plain http);
+/// the default port is 7575.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectoryAddr {
-    /// `http://host:port`, no trailing slash.
+    /// `http://host:port` or `https://host:port`, no trailing slash.
     base: String,
 }
 
 impl DirectoryAddr {
-    /// `http://host:port`: requests go to `base() + "/v1/..."`.
+    /// `http(s)://host:port`: requests go to `base() + "/v1/..."`.
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// Whether it is reached over TLS (`https://`).
+    pub fn is_tls(&self) -> bool {
+        self.base.starts_with("https://")
     }
 }
 
@@ -305,16 +312,14 @@ impl FromStr for DirectoryAddr {
         let err = |why| NameError::Directory { addr: addr.to_string(), why };
         let (scheme, rest) = if let Some(rest) = addr.strip_prefix("http://") {
             ("http", rest.trim_end_matches('/'))
-        } else if addr.starts_with("https://") {
-            return Err(err(
-                "https is not supported yet; put the directory behind a local TLS terminator or use http://",
-            ));
+        } else if let Some(rest) = addr.strip_prefix("https://") {
+            ("https", rest.trim_end_matches('/'))
         } else if let Some(rest) = addr.strip_prefix("//") {
             // `//host/directory`: the host is the first segment.
             let host = rest.split('/').next().unwrap_or("");
             ("http", host)
         } else if addr.contains("://") {
-            return Err(err("the scheme must be http://"));
+            return Err(err("the scheme must be http:// or https://"));
         } else {
             ("http", addr.trim_end_matches('/'))
         };
@@ -581,11 +586,15 @@ mod tests {
             ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
             ("http://127.0.0.1:9000/", "http://127.0.0.1:9000"),
             ("http://Services", "http://services:7575"),
+            ("https://services", "https://services:7575"),
+            ("https://127.0.0.1:9443/", "https://127.0.0.1:9443"),
         ];
         for (raw, want) in cases {
-            assert_eq!(raw.parse::<DirectoryAddr>().unwrap().base(), want, "{raw}");
+            let addr = raw.parse::<DirectoryAddr>().unwrap();
+            assert_eq!(addr.base(), want, "{raw}");
+            assert_eq!(addr.is_tls(), want.starts_with("https://"), "{raw}");
         }
-        for bad in ["", "ftp://x", "x:y", "http://x/y", "a b"] {
+        for bad in ["", "ftp://x", "x:y", "http://x/y", "https://x/y", "https://", "a b"] {
             assert!(bad.parse::<DirectoryAddr>().is_err(), "{bad}");
         }
     }

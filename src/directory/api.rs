@@ -425,6 +425,17 @@ async fn metrics(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>
     );
     out.gauge("dstack_directory_snapshot_index", "Index of the snapshot served.", directory.snapshot().index);
     out.gauge("dstack_directory_instances", "Live instances.", directory.instance_count());
+    out.gauge("dstack_directory_connections_open", "Connections open now.", get(&m.connections_open));
+    out.counter(
+        "dstack_directory_connections_refused_total",
+        "Connections answered 503 at limits.max_connections.",
+        get(&m.connections_refused),
+    );
+    out.counter(
+        "dstack_directory_tls_handshake_failures_total",
+        "TLS handshakes that failed or were not done within limits.header_read_timeout.",
+        get(&m.tls_handshake_failures),
+    );
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], out.finish())
 }
 
@@ -452,6 +463,7 @@ mod tests {
             max_ttl: Duration::from_secs(10),
             auth: crate::directory::AuthMode::Off { insecure: false },
             webhook_secret_file: None,
+            serve: Default::default(),
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         let (directory, _) = Directory::new_with_auth(config, auth, shutdown.clone());

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::config_file::{self, FileError, Seconds};
 use crate::gitsync::RepoUrl;
 use crate::model::DirectoryAddr;
+use crate::tls::ServerTlsFiles;
 
 /// The listen address when neither a flag nor the file gives one: loopback,
 /// so a directory reachable from the network is always a choice.
@@ -21,6 +22,11 @@ const DEFAULT_POLL: Duration = Duration::from_secs(15);
 const DEFAULT_MAX_TTL: Duration = Duration::from_secs(10);
 /// Polling faster than this only loads the git server.
 const MIN_POLL: Duration = Duration::from_millis(100);
+/// Open connections at most, by default: one per watson service and per
+/// sherlock (each keeps one alive), for a fleet of several thousand hosts.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// How long a client may take to send a request header, by default.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Keeps the registry of live service instances and serves snapshots to sherlocks.
 #[derive(Debug, Default, clap::Parser)]
@@ -71,6 +77,17 @@ pub struct Args {
     /// to POST /v1/reconcile, instead of an operator token.
     #[arg(long)]
     pub webhook_secret_file: Option<PathBuf>,
+    /// The certificate chain (PEM) to serve HTTPS with, instead of HTTP;
+    /// needs --tls-key. SIGHUP rereads both.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM, mode 0600).
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// Require every client to show a certificate signed by this CA (PEM):
+    /// mutual TLS. Needs --tls-cert.
+    #[arg(long, value_name = "PEM")]
+    pub client_ca: Option<PathBuf>,
     /// A YAML file with any of the settings above (flags win).
     #[arg(short = 'c', long)]
     pub config: Option<PathBuf>,
@@ -92,6 +109,41 @@ pub struct FileConfig {
     pub auth_file: Option<PathBuf>,
     pub insecure: Option<bool>,
     pub webhook_secret_file: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    /// Bounds that keep one client from exhausting the directory.
+    pub limits: Option<FileLimits>,
+}
+
+/// The config file's `limits:` section (no flags: few need to change them).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    pub max_connections: Option<usize>,
+    pub header_read_timeout: Option<Seconds>,
+}
+
+/// How the HTTP API is served: TLS, and the bounds on connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Serving {
+    /// The certificate, key and client CA; None serves plain HTTP.
+    pub tls: Option<ServerTlsFiles>,
+    /// Open connections at most; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// How long a client may take to finish its TLS handshake, and then
+    /// each request header; also how long a kept-alive connection may idle.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Serving {
+            tls: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+        }
+    }
 }
 
 /// Where the desired state comes from.
@@ -141,6 +193,8 @@ pub struct Config {
     pub auth: AuthMode,
     /// The secret that signs webhooks, if any.
     pub webhook_secret_file: Option<PathBuf>,
+    /// TLS and the connection bounds.
+    pub serve: Serving,
 }
 
 /// A setting that was refused; the message names the flag or file key.
@@ -210,7 +264,37 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
         (None, insecure) => AuthMode::Off { insecure },
     };
     let webhook_secret_file = args.webhook_secret_file.or(file.webhook_secret_file);
-    Ok(Config { name, address, listen, state_dir, repo, max_ttl, auth, webhook_secret_file })
+    let invalid_tls = |m: &str| ConfigError::Invalid(m.to_string());
+    let client_ca = args.client_ca.or(file.client_ca);
+    let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
+        (Some(cert), Some(key)) => Some(ServerTlsFiles { cert, key, client_ca }),
+        (Some(_), None) => return Err(invalid_tls("--tls-cert (tls_cert:) needs --tls-key (tls_key:), its private key")),
+        (None, Some(_)) => return Err(invalid_tls("--tls-key (tls_key:) needs --tls-cert (tls_cert:), its certificate")),
+        (None, None) if client_ca.is_some() => {
+            return Err(invalid_tls(
+                "--client-ca (client_ca:) needs --tls-cert and --tls-key: client certificates are checked over TLS",
+            ))
+        }
+        (None, None) => None,
+    };
+    let serve = Serving { tls, ..resolve_limits(file.limits.unwrap_or_default())? };
+    Ok(Config { name, address, listen, state_dir, repo, max_ttl, auth, webhook_secret_file, serve })
+}
+
+/// The `limits:` section, checked; plain HTTP until TLS is added.
+fn resolve_limits(limits: FileLimits) -> Result<Serving, ConfigError> {
+    let max_connections = limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if !(1..=1_000_000).contains(&max_connections) {
+        return Err(ConfigError::Invalid(format!("limits.max_connections {max_connections}: use 1 to 1000000")));
+    }
+    let header_read_timeout = limits.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |s| s.0);
+    if header_read_timeout < Duration::from_millis(100) || header_read_timeout > Duration::from_secs(600) {
+        return Err(ConfigError::Invalid(format!(
+            "limits.header_read_timeout {}: use 100ms to 10m",
+            humantime::format_duration(header_read_timeout)
+        )));
+    }
+    Ok(Serving { tls: None, max_connections, header_read_timeout })
 }
 
 /// A folder inside the repo: relative, no `..`, no empty segment.
@@ -318,6 +402,36 @@ mod tests {
             assert!(err.contains(want), "{flags:?}: {err}");
         }
         assert!(resolve(args(&["--routes-dir", "deploy/routes/"]), None).is_ok());
+    }
+
+    #[test]
+    fn tls_and_limits_from_flags_and_the_file() {
+        let c = resolve(args(&[]), None).unwrap();
+        assert_eq!(c.serve, Serving::default(), "plain HTTP and the documented limits by default");
+        assert_eq!((c.serve.max_connections, c.serve.header_read_timeout), (10_000, Duration::from_secs(10)));
+        let yaml = "tls_cert: /f/cert.pem\ntls_key: /f/key.pem\nlimits:\n  max_connections: 5\n  header_read_timeout: 1s\n";
+        let c = resolve(args(&["--tls-cert", "/a/cert.pem", "--client-ca", "/a/ca.pem"]), Some(file(yaml))).unwrap();
+        let tls = c.serve.tls.unwrap();
+        assert_eq!(
+            (tls.cert.to_str(), tls.key.to_str(), tls.client_ca.as_deref().and_then(|p| p.to_str())),
+            (Some("/a/cert.pem"), Some("/f/key.pem"), Some("/a/ca.pem")),
+            "each flag beats its own key"
+        );
+        assert_eq!((c.serve.max_connections, c.serve.header_read_timeout), (5, Duration::from_secs(1)));
+        let cases: [(&[&str], &str, &str); 6] = [
+            (&["--tls-cert", "/c"], "", "--tls-cert (tls_cert:) needs --tls-key"),
+            (&[], "tls_key: /k\n", "--tls-key (tls_key:) needs --tls-cert"),
+            (&["--client-ca", "/ca"], "", "--client-ca (client_ca:) needs --tls-cert and --tls-key"),
+            (&[], "limits:\n  max_connections: 0\n", "limits.max_connections 0: use 1 to 1000000"),
+            (&[], "limits:\n  header_read_timeout: 10ms\n", "limits.header_read_timeout 10ms: use 100ms to 10m"),
+            (&[], "limits:\n  header_read_timeout: 1h\n", "limits.header_read_timeout 1h: use 100ms to 10m"),
+        ];
+        for (flags, yaml, want) in cases {
+            let err = resolve(args(flags), (!yaml.is_empty()).then(|| file(yaml))).unwrap_err().to_string();
+            assert!(err.contains(want), "{flags:?} {yaml:?}: {err}");
+        }
+        let err = config_file::parse::<FileConfig>(Path::new("d.yaml"), "limits:\n  max_conns: 5\n").unwrap_err();
+        assert!(err.to_string().starts_with("d.yaml:2:3: limits: unknown field `max_conns`"), "{err}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod merge;
 pub mod publisher;
 pub mod reconcile;
 pub mod registry;
+pub mod serve;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,6 +56,13 @@ pub struct Metrics {
     /// Refusals for a missing or wrong token (401) or role (403); also
     /// counted in `bad_requests`.
     pub auth_refusals: AtomicU64,
+    /// Connections open now (kept by the serving layer).
+    pub connections_open: AtomicU64,
+    /// Connections refused at `limits.max_connections`.
+    pub connections_refused: AtomicU64,
+    /// TLS handshakes that failed (a client's untrusted or missing
+    /// certificate, a wrong CA) or were not done in time.
+    pub tls_handshake_failures: AtomicU64,
 }
 
 /// Mutable state, behind one std `Mutex`: every critical section is short
@@ -403,6 +411,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
     let auth = setup_auth(&config)?;
+    let tls = match config.serve.tls.clone() {
+        Some(files) => Some(Arc::new(crate::tls::ServerTls::load(files).context("serving HTTPS")?)),
+        None => None,
+    };
     // Installed before serving: SIGHUP's default action would end the process.
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
@@ -418,11 +430,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
         _ => None,
     };
-    tracing::info!(addr = %listener.local_addr()?, name = %directory.config.name, "directory listening");
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        name = %directory.config.name,
+        tls = tls.is_some(),
+        client_certificates = tls.as_ref().is_some_and(|t| t.files().client_ca.is_some()),
+        max_connections = directory.config.serve.max_connections,
+        header_read_timeout = ?directory.config.serve.header_read_timeout,
+        "directory listening"
+    );
 
     let publisher = tokio::spawn(publish_loop(directory.clone(), shutdown.clone()));
     let reloader = tokio::spawn({
-        let (directory, shutdown) = (directory.clone(), shutdown.clone());
+        let (directory, shutdown, tls) = (directory.clone(), shutdown.clone(), tls.clone());
         async move {
             loop {
                 tokio::select! {
@@ -433,15 +453,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     Ok(what) => tracing::info!(reloaded = %what, "SIGHUP: auth reloaded"),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: auth reload failed; the tokens in force stay"),
                 }
+                // Certificate rotation: new connections get the new files.
+                match tls.as_ref().map(|t| t.reload()) {
+                    Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "SIGHUP: TLS reload failed; the certificate in force stays")
+                    }
+                    None => {}
+                }
             }
         }
     });
 
-    let app = api::app(directory);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .context("serving the HTTP API")?;
+    let app = api::app(directory.clone());
+    serve::serve(listener, app, directory, tls, shutdown).await;
     publisher.await.ok();
     reloader.await.ok();
     if let Some(r) = reconciler {

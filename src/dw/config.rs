@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use super::{output, Failure};
 use crate::model::DirectoryAddr;
 use crate::secret::{self, Secret};
+use crate::tls::{ClientTls, ClientTlsFiles};
 
 const SYSTEM_CONFIG: &str = "/etc/datawire/dw.yaml";
 const FALLBACK_DIRECTORY: &str = "127.0.0.1:7575";
@@ -22,6 +23,9 @@ fn user_config() -> Option<PathBuf> {
 struct DwFile {
     directory: Option<String>,
     token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 /// A config file, if it exists.
@@ -56,6 +60,18 @@ pub fn token(flag: Option<&Path>) -> Result<Option<Secret>, Failure> {
     // The files are read only when neither the flag nor the variable decides.
     let file = if flag.is_none() && env.is_none() { first_set(|f| f.token_file)? } else { None };
     secret::resolve_token(flag, env.as_ref(), file.as_deref()).map_err(fail)
+}
+
+/// TLS for an https:// directory: each of `--ca-file`, `--client-cert`
+/// and `--client-key` (`flags`), else its key in dw.yaml.
+pub fn tls(flags: ClientTlsFiles) -> Result<ClientTls, Failure> {
+    let file = ClientTlsFiles {
+        ca_file: if flags.ca_file.is_none() { first_set(|f| f.ca_file)? } else { None },
+        client_cert: if flags.client_cert.is_none() { first_set(|f| f.client_cert)? } else { None },
+        client_key: if flags.client_key.is_none() { first_set(|f| f.client_key)? } else { None },
+    };
+    let files = ClientTlsFiles::resolve(flags, file).map_err(Failure::usage)?;
+    ClientTls::for_directory(&files).map_err(Failure::error)
 }
 
 /// `dw config set KEY VALUE`.

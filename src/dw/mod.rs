@@ -66,6 +66,21 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
 
+    /// Trust this CA (PEM) for an https:// directory instead of the
+    /// system's roots. Default: `ca_file:` in dw.yaml.
+    #[arg(long, global = true, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+
+    /// A client certificate (PEM) for a directory that asks for one, with
+    /// --client-key (its key, mode 0600). Default: `client_cert:` and
+    /// `client_key:` in dw.yaml.
+    #[arg(long, global = true, value_name = "PEM")]
+    pub client_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, value_name = "PEM")]
+    pub client_key: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -232,7 +247,12 @@ pub async fn run(cli: Cli) -> Result<i32, Failure> {
     };
     let directory: DirectoryAddr = raw.parse().map_err(|e| Failure::usage(format!("-d: {e}")))?;
     let token = config::token(cli.token_file.as_deref())?;
-    let client = DirectoryClient::new(directory, Duration::from_secs(10)).with_token(token.as_ref());
+    let tls = config::tls(crate::tls::ClientTlsFiles {
+        ca_file: cli.ca_file.clone(),
+        client_cert: cli.client_cert.clone(),
+        client_key: cli.client_key.clone(),
+    })?;
+    let client = DirectoryClient::with_tls(directory, Duration::from_secs(10), &tls).with_token(token.as_ref());
     let ctx = Context { client, style: Style::detect() };
     let repo = cli.repo.as_deref();
     let routes_dir = cli.routes_dir.as_str();

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::config_file::{self, FileError, Seconds};
 use crate::model::{ClientName, DirectoryAddr, InstanceId};
 use crate::secret::{self, Secret, SecretError};
+use crate::tls::{ClientTls, ClientTlsFiles, TlsError};
 
 pub const DEFAULT_CONFIG: &str = "/etc/datawire/sherlock.yaml";
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8000);
@@ -70,6 +71,16 @@ pub struct Args {
     /// token's name.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Trust this CA (PEM) for https:// directories instead of the
+    /// system's roots.
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for a directory that asks for one.
+    #[arg(long, value_name = "PEM")]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, mode 0600).
+    #[arg(long, value_name = "PEM")]
+    pub client_key: Option<PathBuf>,
     /// The config file read when no -d is given.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
@@ -104,6 +115,9 @@ pub struct FileConfig {
     pub apply_mode: Option<ApplyMode>,
     pub coalesce: Option<Seconds>,
     pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 /// Validated settings of one sherlock.
@@ -131,6 +145,9 @@ pub struct Config {
     pub coalesce: Duration,
     /// Sent to every directory; None when auth is off there.
     pub token: Option<Secret>,
+    /// TLS for https:// directories: `--ca-file` alone, or the system's
+    /// roots; the client certificate.
+    pub tls: ClientTls,
 }
 
 /// Why sherlock's settings were refused.
@@ -142,6 +159,8 @@ pub enum ConfigError {
     Invalid(String),
     #[error("token: {0}")]
     Token(#[from] SecretError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Reads the config file when no `-d` is given, and resolves.
@@ -219,7 +238,11 @@ pub fn resolve(args: Args, file: Option<FileConfig>, host: &str) -> Result<Confi
         return Err(invalid(format!("--coalesce {}: at most 1s", humantime::format_duration(coalesce))));
     }
     let token = secret::resolve_token(args.token_file.as_deref(), args.env_token.as_ref(), file.token_file.as_deref())?;
-    Ok(Config { directories, listen, run_dir, haproxy, template, name, client, admin, mode, coalesce, token })
+    let tls = ClientTls::for_directory(&ClientTlsFiles::resolve(
+        ClientTlsFiles { ca_file: args.ca_file, client_cert: args.client_cert, client_key: args.client_key },
+        ClientTlsFiles { ca_file: file.ca_file, client_cert: file.client_cert, client_key: file.client_key },
+    )?)?;
+    Ok(Config { directories, listen, run_dir, haproxy, template, name, client, admin, mode, coalesce, token, tls })
 }
 
 /// For tests and callers that build a config file by hand.
@@ -315,6 +338,22 @@ mod tests {
         let open = write("open", "t\n", 0o604);
         let err = resolve(args(&["-d", "d", "--token-file", open.to_str().unwrap()]), None, "h").unwrap_err();
         assert!(err.to_string().contains(&format!("token: {} has mode 0604", open.display())), "{err}");
+    }
+
+    #[test]
+    fn tls_files_come_from_the_flags_then_the_file() {
+        // The files do not exist: which one is read shows in the error.
+        let f = || file("directories: [\"https://d\"]\nca_file: /file/ca.pem\nclient_key: /file/c.key\n");
+        let err = resolve(Args::default(), Some(f()), "h").unwrap_err().to_string();
+        assert!(err.contains("--client-key needs --client-cert"), "{err}");
+        let err = resolve(args(&["--client-cert", "/c.pem"]), Some(f()), "h").unwrap_err().to_string();
+        assert!(err.starts_with("--ca-file /file/ca.pem: cannot read"), "{err}");
+        let err = resolve(args(&["--client-cert", "/c.pem", "--ca-file", "/flag/ca.pem"]), Some(f()), "h")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--ca-file /flag/ca.pem: cannot read"), "{err}");
+        let c = resolve(args(&["-d", "https://127.0.0.1:9443"]), None, "h").unwrap();
+        assert!(c.directories[0].is_tls());
     }
 
     #[test]

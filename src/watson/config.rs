@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::config_file::{self, FileError, Seconds};
 use crate::model::{DirectoryAddr, InstanceUrl, ServiceName, Version};
 use crate::secret::{self, Secret, SecretError};
+use crate::tls::{ClientTls, ClientTlsFiles, TlsError};
 
 pub const DEFAULT_CONFIG: &str = "/etc/datawire/watson.yaml";
 pub const DEFAULT_SERVICES_DIR: &str = "/etc/datawire.d/";
@@ -53,6 +54,16 @@ pub struct Args {
     /// others); else $DSTACK_TOKEN, else the config file's token_file.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Trust this CA (PEM) for https:// directories instead of the system's
+    /// roots; https:// check URLs trust it besides the system's.
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for a directory that asks for one.
+    #[arg(long, value_name = "PEM")]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM, mode 0600).
+    #[arg(long, value_name = "PEM")]
+    pub client_key: Option<PathBuf>,
     /// The config file read when no service is given on the command line.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
@@ -72,6 +83,8 @@ pub enum ConfigError {
     Flag(String),
     #[error("token: {0}")]
     Token(#[from] SecretError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// One service instance on this host that watson looks after.
@@ -113,7 +126,7 @@ impl ServiceConfig {
         if !(check_url.starts_with("http://") || check_url.starts_with("https://"))
             || check_url.contains(char::is_whitespace)
         {
-            return Err(format!("check url {check_url:?} is not an http:// URL"));
+            return Err(format!("check url {check_url:?} is not an http:// or https:// URL"));
         }
         let rise = rise.unwrap_or(2);
         let fall = fall.unwrap_or(2);
@@ -138,6 +151,11 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Sent to every directory; None when auth is off there.
     pub token: Option<Secret>,
+    /// TLS for https:// directories: `--ca-file` alone, or the system's
+    /// roots; the client certificate.
+    pub tls: ClientTls,
+    /// TLS for https:// check URLs: the system's roots and `--ca-file`.
+    pub check_tls: ClientTls,
 }
 
 /// `/etc/datawire/watson.yaml`.
@@ -150,6 +168,13 @@ pub struct FileConfig {
     /// The directory's token, as with --token-file.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// As --ca-file, --client-cert and --client-key.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 /// One file in the services dir.
@@ -237,6 +262,11 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
         }
     }
     let token_file = files.as_ref().and_then(|f| f.config.token_file.clone());
+    let file_tls = files.as_ref().map_or_else(ClientTlsFiles::default, |f| ClientTlsFiles {
+        ca_file: f.config.ca_file.clone(),
+        client_cert: f.config.client_cert.clone(),
+        client_key: f.config.client_key.clone(),
+    });
     let services = match (&args.service, &args.url, &args.period, files) {
         (Some(service), Some(url), Some(period), _) => {
             let name: ServiceName = service.parse().map_err(|e| flag(format!("SERVICE: {e}")))?;
@@ -271,7 +301,11 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
         return Err(flag("-d: give at least one directory, e.g. -d //services/directory".into()));
     }
     let token = secret::resolve_token(args.token_file.as_deref(), args.env_token.as_ref(), token_file.as_deref())?;
-    Ok(Config { directories, services, token })
+    let flag_tls = ClientTlsFiles { ca_file: args.ca_file, client_cert: args.client_cert, client_key: args.client_key };
+    let tls_files = ClientTlsFiles::resolve(flag_tls, file_tls)?;
+    let tls = ClientTls::for_directory(&tls_files)?;
+    let check_tls = ClientTls::for_checks(tls_files.ca_file.as_deref())?;
+    Ok(Config { directories, services, token, tls, check_tls })
 }
 
 #[cfg(test)]
@@ -320,7 +354,14 @@ mod tests {
         std::fs::write(tmp.path().join("e.yaml"), "name: emitter\nurl: http://vm101/emitter\n").unwrap();
         let files = || Files {
             path: "watson.yaml".into(),
-            config: FileConfig { directories: vec!["filedir".parse().unwrap()], services_dir: None, token_file: None },
+            config: FileConfig {
+                directories: vec!["filedir".parse().unwrap()],
+                services_dir: None,
+                token_file: None,
+                ca_file: None,
+                client_cert: None,
+                client_key: None,
+            },
             services: vec![(
                 tmp.path().join("e.yaml"),
                 config_file::load::<ServiceFile>(&tmp.path().join("e.yaml")).unwrap(),
@@ -350,6 +391,9 @@ mod tests {
                 directories: vec!["d".parse().unwrap()],
                 services_dir: None,
                 token_file: Some(file.clone()),
+                ca_file: None,
+                client_cert: None,
+                client_key: None,
             },
             services: vec![(tmp.path().join("e.yaml"), config_file::load(&tmp.path().join("e.yaml")).unwrap())],
         };
@@ -365,6 +409,35 @@ mod tests {
         std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
         let err = resolve(args(&["--token-file", open.to_str().unwrap()]), Some(files())).unwrap_err().to_string();
         assert!(err.starts_with("token: ") && err.contains("has mode 0644"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_come_from_the_flags_then_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("e.yaml"), "name: emitter\nurl: http://vm101/emitter\n").unwrap();
+        let files = || Files {
+            path: "watson.yaml".into(),
+            config: FileConfig {
+                directories: vec!["https://d".parse().unwrap()],
+                services_dir: None,
+                token_file: None,
+                ca_file: Some("/file/ca.pem".into()),
+                client_cert: None,
+                client_key: Some("/file/client.key".into()),
+            },
+            services: vec![(tmp.path().join("e.yaml"), config_file::load(&tmp.path().join("e.yaml")).unwrap())],
+        };
+        // The files do not exist: which one is read shows in the error.
+        let err = resolve(Args::default(), Some(files())).unwrap_err().to_string();
+        assert!(err.contains("--client-key needs --client-cert"), "{err}");
+        let err = resolve(args(&["--client-cert", "/flag/c.pem"]), Some(files())).unwrap_err().to_string();
+        assert!(err.starts_with("--ca-file /file/ca.pem: cannot read"), "{err}");
+        let err = resolve(args(&["--client-cert", "/c.pem", "--ca-file", "/flag/ca.pem"]), Some(files()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("--ca-file /flag/ca.pem: cannot read"), "{err}");
+        let c = resolve(args(&["-d", "https://d", "e", "http://h", "1"]), None).unwrap();
+        assert!(c.directories[0].is_tls(), "no TLS flags: the system's roots");
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl Health {
 
 /// Runs every configured service until `shutdown`, then deregisters them all.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder().build()?;
+    let http = config.check_tls.reqwest().build()?;
     let mut tasks = tokio::task::JoinSet::new();
     for service in config.services {
         let id = InstanceId::derive(&service.name, &service.version, &service.url);
@@ -80,9 +80,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         for addr in &config.directories {
             // Each request must end well within one period, or heartbeats
             // to this directory fall behind the TTL.
-            let client = DirectoryClient::new(
+            let client = DirectoryClient::with_tls(
                 addr.clone(),
                 service.period.clamp(Duration::from_millis(200), Duration::from_secs(5)),
+                &config.tls,
             )
             .with_token(config.token.as_ref());
             tasks.spawn(heartbeat_loop(client, id.clone(), service.clone(), state_rx.clone(), shutdown.clone()));
@@ -102,6 +103,7 @@ async fn check_loop(
     shutdown: CancellationToken,
 ) {
     let mut health = Health::new(service.rise, service.fall);
+    let mut last_failure: Option<String> = None;
     let mut every = tokio::time::interval(service.period);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -112,10 +114,19 @@ async fn check_loop(
         let outcome = match http.get(&service.check_url).timeout(service.timeout).send().await {
             Ok(resp) if resp.status().is_success() => Ok(()),
             Ok(resp) => Err(format!("status {}", resp.status())),
-            Err(e) => Err(e.to_string()),
+            // The causes too: a certificate problem must say so.
+            Err(e) => Err(crate::client::explain(&e)),
         };
-        if let Err(why) = &outcome {
-            tracing::debug!(instance = %id, check = %service.check_url, %why, "liveness check failed");
+        match &outcome {
+            // A new reason is logged where it shows by default: an instance
+            // that never passes (an untrusted certificate, say) is never
+            // deregistered, so nothing else would say why it is missing.
+            Err(why) if last_failure.as_ref() != Some(why) => {
+                tracing::warn!(instance = %id, check = %service.check_url, %why, "liveness check failed");
+                last_failure = Some(why.clone());
+            }
+            Err(why) => tracing::debug!(instance = %id, check = %service.check_url, %why, "liveness check failed"),
+            Ok(()) => last_failure = None,
         }
         if let Some(now_healthy) = health.observe(outcome.is_ok()) {
             match &outcome {

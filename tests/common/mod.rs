@@ -691,3 +691,144 @@ pub fn by_version(counts: &HashMap<String, usize>) -> HashMap<String, usize> {
     }
     out
 }
+
+/// A private CA and its certificates, made with rcgen at run time and
+/// written as PEM files (keys mode 0600): a server certificate for
+/// 127.0.0.1 and localhost, and a client certificate.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Pki {
+    /// Writes `NAME-ca.pem`, `NAME-server.pem`, `NAME-server.key`,
+    /// `NAME-client.pem` and `NAME-client.key` in `dir`.
+    pub fn new(dir: &Path, name: &str) -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+            KeyUsagePurpose,
+        };
+        let write = |file: &str, text: &str, mode: u32| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = dir.join(format!("{name}-{file}"));
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose, cn: &str| {
+            let mut params = CertificateParams::new(names).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().unwrap();
+            (params.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+        };
+        let (server_pem, server_key) = leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            "directory",
+        );
+        let (client_pem, client_key) = leaf(vec![], ExtendedKeyUsagePurpose::ClientAuth, "vm101");
+        Pki {
+            ca: write("ca.pem", &ca_cert.pem(), 0o644),
+            server_cert: write("server.pem", &server_pem, 0o644),
+            server_key: write("server.key", &server_key, 0o600),
+            client_cert: write("client.pem", &client_pem, 0o644),
+            client_key: write("client.key", &client_key, 0o600),
+        }
+    }
+
+    /// A client trusting this CA alone, with the client certificate when
+    /// `identity`; a new connection per request, so each is a handshake.
+    pub fn http(&self, identity: bool) -> reqwest::Client {
+        let files = dstack::tls::ClientTlsFiles {
+            ca_file: Some(self.ca.clone()),
+            client_cert: identity.then(|| self.client_cert.clone()),
+            client_key: identity.then(|| self.client_key.clone()),
+        };
+        dstack::tls::ClientTls::for_directory(&files)
+            .unwrap()
+            .reqwest()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap()
+    }
+
+    /// `--tls-cert PEM --tls-key PEM`, for the directory.
+    pub fn server_args(&self) -> Vec<String> {
+        vec!["--tls-cert".into(), path_arg(&self.server_cert), "--tls-key".into(), path_arg(&self.server_key)]
+    }
+
+    /// `--ca-file PEM`, and the client certificate when `identity`.
+    pub fn client_args(&self, identity: bool) -> Vec<String> {
+        let mut args = vec!["--ca-file".into(), path_arg(&self.ca)];
+        if identity {
+            args.extend(["--client-cert".into(), path_arg(&self.client_cert)]);
+            args.extend(["--client-key".into(), path_arg(&self.client_key)]);
+        }
+        args
+    }
+}
+
+pub fn path_arg(path: &Path) -> String {
+    path.to_str().unwrap().to_string()
+}
+
+/// A liveness check endpoint over TLS: answers `200 alive` to any request
+/// and counts them.
+pub struct TlsInstance {
+    pub port: u16,
+    pub served: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsInstance {
+    pub async fn start(pki: &Pki) -> TlsInstance {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let files =
+            dstack::tls::ServerTlsFiles { cert: pki.server_cert.clone(), key: pki.server_key.clone(), client_ca: None };
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(dstack::tls::server_config(&files).unwrap()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (acceptor, count) = (acceptor.clone(), count.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(stream).await else { return };
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tls.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nalive";
+                    let _ = tls.write_all(answer.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        TlsInstance { port, served, task }
+    }
+}
+
+impl Drop for TlsInstance {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -84,9 +84,11 @@ pub fn read_key(flag: &'static str, path: &Path) -> Result<PrivateKeyDer<'static
 /// The certificates of a CA file as trust roots.
 fn read_roots(flag: &'static str, path: &Path, roots: &mut RootCertStore) -> Result<(), TlsError> {
     for cert in read_certs(flag, path)? {
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::Pem { flag, path: path.into(), why: format!("not a usable CA certificate: {e}") })?;
+        roots.add(cert).map_err(|e| TlsError::Pem {
+            flag,
+            path: path.into(),
+            why: format!("not a usable CA certificate: {e}"),
+        })?;
     }
     Ok(())
 }
@@ -295,7 +297,11 @@ mod tests {
     use super::*;
 
     fn files(ca: Option<&str>, cert: Option<&str>, key: Option<&str>) -> ClientTlsFiles {
-        ClientTlsFiles { ca_file: ca.map(Into::into), client_cert: cert.map(Into::into), client_key: key.map(Into::into) }
+        ClientTlsFiles {
+            ca_file: ca.map(Into::into),
+            client_cert: cert.map(Into::into),
+            client_key: key.map(Into::into),
+        }
     }
 
     #[test]

@@ -212,8 +212,11 @@ async fn watson_checks_https_instances_with_its_ca_file() {
     let check_url = format!("https://localhost:{}/emitter/liveness_check", check.port);
     let url = format!("http://127.0.0.1:{}/emitter", check.port);
     let ca = path_arg(&pki.ca);
-    let _trusting =
-        Proc::start(tmp.path(), "watson", &["-d", &base, "emitter", &url, "1", "--check-url", &check_url, "--ca-file", &ca]);
+    let _trusting = Proc::start(
+        tmp.path(),
+        "watson",
+        &["-d", &base, "emitter", &url, "1", "--check-url", &check_url, "--ca-file", &ca],
+    );
     // The same check without the CA: never alive, and the log says why.
     let untrusting = Proc::start(tmp.path(), "watson", &["-d", &base, "barker", &url, "1", "--check-url", &check_url]);
 
@@ -306,4 +309,93 @@ async fn connections_beyond_the_limit_get_a_503_until_some_close() {
     .await;
     assert!(metric(&metrics, "dstack_directory_connections_refused_total") >= 2, "{metrics}");
     assert!(metric(&metrics, "dstack_directory_connections_open") <= 5, "{metrics}");
+}
+
+/// What TLS costs, plain against TLS on one machine (run in release:
+/// `cargo test --release --test tls -- --ignored --nocapture what_tls_costs`):
+/// a heartbeat on a kept-alive connection, a request on a new connection
+/// (a handshake each), and a full snapshot of 1,000 instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn what_tls_costs() {
+    use dstack::client::DirectoryClient;
+    use dstack::model::{Heartbeat, InstanceId, SnapshotId};
+    let tmp = tempfile::Builder::new().prefix("dstack-tls").tempdir().unwrap();
+    let pki = Pki::new(tmp.path(), "main");
+    let (plain_port, _plain) = directory(tmp.path(), &["--max-ttl".into(), "10m".into()]).await;
+    let mut args = pki.server_args();
+    args.extend(["--max-ttl".into(), "10m".into()]);
+    let (tls_port, _tls) = directory(tmp.path(), &args).await;
+    let files = dstack::tls::ClientTlsFiles { ca_file: Some(pki.ca.clone()), ..Default::default() };
+    let tls = dstack::tls::ClientTls::for_directory(&files).unwrap();
+    let summary = |mut took: Vec<Duration>| {
+        took.sort();
+        let total: Duration = took.iter().sum();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        (took.len() as f64 / total.as_secs_f64(), us(took[took.len() / 2]), us(took[took.len() * 99 / 100]))
+    };
+    println!("| what | plain | TLS |\n|---|---|---|");
+    let mut rows: Vec<(String, String)> = Vec::new();
+    for (name, base) in
+        [("plain", format!("http://127.0.0.1:{plain_port}")), ("tls", format!("https://127.0.0.1:{tls_port}"))]
+    {
+        let client = DirectoryClient::with_tls(base.parse().unwrap(), Duration::from_secs(10), &tls);
+        // 1,000 instances, so that a snapshot has some weight.
+        for i in 0..1000 {
+            let hb: Heartbeat = serde_json::from_value(serde_json::json!({
+                "service": format!("svc{}", i % 100), "version": "v1",
+                "url": format!("http://10.1.{}.{}:8080/app", i / 250, i % 250), "ttl_ms": 600_000
+            }))
+            .unwrap();
+            client.heartbeat(&format!("i{i}").parse::<InstanceId>().unwrap(), &hb).await.unwrap();
+        }
+        let hb: Heartbeat = serde_json::from_value(serde_json::json!({
+            "service": "svc0", "version": "v1", "url": "http://10.1.0.0:8080/app", "ttl_ms": 600_000
+        }))
+        .unwrap();
+        let id: InstanceId = "i0".parse().unwrap();
+        let mut took = Vec::new();
+        for _ in 0..5000 {
+            let started = Instant::now();
+            client.heartbeat(&id, &hb).await.unwrap();
+            took.push(started.elapsed());
+        }
+        let (rate, p50, p99) = summary(took);
+        rows.push((
+            format!("heartbeat, kept-alive ({name})"),
+            format!("{rate:.0}/s, p50 {p50:.0} µs, p99 {p99:.0} µs"),
+        ));
+        let fresh = tls.reqwest().pool_max_idle_per_host(0).build().unwrap();
+        let mut took = Vec::new();
+        for _ in 0..500 {
+            let started = Instant::now();
+            let resp = fresh.put(format!("{base}/v1/instances/i0")).json(&hb).send().await.unwrap();
+            assert!(resp.status().is_success());
+            resp.bytes().await.unwrap();
+            took.push(started.elapsed());
+        }
+        let (rate, p50, p99) = summary(took);
+        rows.push((
+            format!("heartbeat, new connection ({name})"),
+            format!("{rate:.0}/s, p50 {p50:.0} µs, p99 {p99:.0} µs"),
+        ));
+        let mut took = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..300 {
+            let started = Instant::now();
+            let snapshot = client.snapshot(SnapshotId::default(), Duration::ZERO, None).await.unwrap();
+            took.push(started.elapsed());
+            bytes = serde_json::to_vec(&snapshot).unwrap().len();
+        }
+        let (rate, p50, p99) = summary(took);
+        rows.push((
+            format!("full snapshot, {} KiB, kept-alive ({name})", bytes / 1024),
+            format!("{rate:.0}/s, p50 {p50:.0} µs, p99 {p99:.0} µs"),
+        ));
+    }
+    let half = rows.len() / 2;
+    for i in 0..half {
+        let what = rows[i].0.replace(" (plain)", "");
+        println!("| {what} | {} | {} |", rows[i].1, rows[half + i].1);
+    }
 }

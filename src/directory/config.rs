@@ -268,8 +268,12 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
     let client_ca = args.client_ca.or(file.client_ca);
     let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
         (Some(cert), Some(key)) => Some(ServerTlsFiles { cert, key, client_ca }),
-        (Some(_), None) => return Err(invalid_tls("--tls-cert (tls_cert:) needs --tls-key (tls_key:), its private key")),
-        (None, Some(_)) => return Err(invalid_tls("--tls-key (tls_key:) needs --tls-cert (tls_cert:), its certificate")),
+        (Some(_), None) => {
+            return Err(invalid_tls("--tls-cert (tls_cert:) needs --tls-key (tls_key:), its private key"))
+        }
+        (None, Some(_)) => {
+            return Err(invalid_tls("--tls-key (tls_key:) needs --tls-cert (tls_cert:), its certificate"))
+        }
         (None, None) if client_ca.is_some() => {
             return Err(invalid_tls(
                 "--client-ca (client_ca:) needs --tls-cert and --tls-key: client certificates are checked over TLS",
@@ -409,7 +413,8 @@ mod tests {
         let c = resolve(args(&[]), None).unwrap();
         assert_eq!(c.serve, Serving::default(), "plain HTTP and the documented limits by default");
         assert_eq!((c.serve.max_connections, c.serve.header_read_timeout), (10_000, Duration::from_secs(10)));
-        let yaml = "tls_cert: /f/cert.pem\ntls_key: /f/key.pem\nlimits:\n  max_connections: 5\n  header_read_timeout: 1s\n";
+        let yaml =
+            "tls_cert: /f/cert.pem\ntls_key: /f/key.pem\nlimits:\n  max_connections: 5\n  header_read_timeout: 1s\n";
         let c = resolve(args(&["--tls-cert", "/a/cert.pem", "--client-ca", "/a/ca.pem"]), Some(file(yaml))).unwrap();
         let tls = c.serve.tls.unwrap();
         assert_eq!(

@@ -227,9 +227,8 @@ impl Conn {
 
 /// What a connection beyond the limit is told.
 fn refusal_app(max: usize) -> Router {
-    let message = format!(
-        "the directory has {max} connections open, its limit (limits.max_connections); retry in a moment"
-    );
+    let message =
+        format!("the directory has {max} connections open, its limit (limits.max_connections); retry in a moment");
     Router::new().fallback(move || {
         let body = axum::Json(serde_json::json!({ "error": message }));
         async move { (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], body).into_response() }

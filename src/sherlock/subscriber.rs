@@ -30,7 +30,9 @@ pub async fn run(
     let clients: Vec<DirectoryClient> = config
         .directories
         .iter()
-        .map(|d| DirectoryClient::with_tls(d.clone(), Duration::from_secs(5), &config.tls).with_token(config.token.as_ref()))
+        .map(|d| {
+            DirectoryClient::with_tls(d.clone(), Duration::from_secs(5), &config.tls).with_token(config.token.as_ref())
+        })
         .collect();
     let mut current = 0;
     // The snapshot received last: (epoch, index) tells a restarted or

@@ -732,11 +732,8 @@ impl Pki {
             let key = KeyPair::generate().unwrap();
             (params.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
         };
-        let (server_pem, server_key) = leaf(
-            vec!["127.0.0.1".into(), "localhost".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
-            "directory",
-        );
+        let (server_pem, server_key) =
+            leaf(vec!["127.0.0.1".into(), "localhost".into()], ExtendedKeyUsagePurpose::ServerAuth, "directory");
         let (client_pem, client_key) = leaf(vec![], ExtendedKeyUsagePurpose::ClientAuth, "vm101");
         Pki {
             ca: write("ca.pem", &ca_cert.pem(), 0o644),

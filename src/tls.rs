@@ -141,7 +141,6 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
 
 /// The directory's server config, replaced in place on SIGHUP (certificate
 /// rotation) while each connection keeps the config it started with.
-#[derive(Debug)]
 pub struct ServerTls {
     files: ServerTlsFiles,
     current: RwLock<Arc<ServerConfig>>,
@@ -167,6 +166,13 @@ impl ServerTls {
 
     pub fn files(&self) -> &ServerTlsFiles {
         &self.files
+    }
+}
+
+/// The files, not rustls's whole config.
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls").field("files", &self.files).finish()
     }
 }
 
@@ -202,8 +208,15 @@ impl ClientTlsFiles {
 }
 
 /// A client's TLS settings, ready for reqwest: cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientTls(Arc<ClientConfig>);
+
+/// A summary: rustls's own would list every trusted root.
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").field("client_certificate", &self.0.client_auth_cert_resolver.has_certs()).finish()
+    }
+}
 
 /// The system's trust roots (`/etc/ssl/certs` and the like), read once.
 fn system_roots() -> Arc<RootCertStore> {

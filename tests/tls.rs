@@ -19,7 +19,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 async fn directory(dir: &Path, args: &[String]) -> (u16, Proc) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut all = vec!["--listen", &listen, "--max-ttl", "3s"];
+    let mut all = vec!["--listen", &listen];
+    if !args.iter().any(|a| a == "--max-ttl") {
+        all.extend(["--max-ttl", "3s"]);
+    }
     all.extend(args.iter().map(String::as_str));
     let proc = Proc::start(dir, "directory", &all);
     proc.wait_for_log("directory listening", Duration::from_secs(10)).await;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::limits::{Limits, Network};
 use crate::config_file::{self, FileError, Seconds};
 use crate::gitsync::RepoUrl;
 use crate::model::DirectoryAddr;
@@ -71,6 +72,11 @@ pub struct Args {
     /// to POST /v1/reconcile, instead of an operator token.
     #[arg(long)]
     pub webhook_secret_file: Option<PathBuf>,
+    /// A network instance URLs may point into, e.g. 10.0.0.0/8 (repeat for
+    /// several). Without it, any address but link-local, multicast and
+    /// unspecified ones; those only when a listed network holds them.
+    #[arg(long = "allow-network", value_parser = clap::value_parser!(Network))]
+    pub allow_networks: Vec<Network>,
     /// A YAML file with any of the settings above (flags win).
     #[arg(short = 'c', long)]
     pub config: Option<PathBuf>,
@@ -92,6 +98,9 @@ pub struct FileConfig {
     pub auth_file: Option<PathBuf>,
     pub insecure: Option<bool>,
     pub webhook_secret_file: Option<PathBuf>,
+    pub allow_networks: Option<Vec<Network>>,
+    /// Bounds on what clients may make the directory hold.
+    pub limits: Option<Limits>,
 }
 
 /// Where the desired state comes from.
@@ -141,6 +150,10 @@ pub struct Config {
     pub auth: AuthMode,
     /// The secret that signs webhooks, if any.
     pub webhook_secret_file: Option<PathBuf>,
+    /// The networks instance URLs may point into; empty: any ordinary address.
+    pub allow_networks: Vec<Network>,
+    /// Bounds on the registry, remembered sherlocks and waiting queries.
+    pub limits: Limits,
 }
 
 /// A setting that was refused; the message names the flag or file key.
@@ -210,7 +223,19 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
         (None, insecure) => AuthMode::Off { insecure },
     };
     let webhook_secret_file = args.webhook_secret_file.or(file.webhook_secret_file);
-    Ok(Config { name, address, listen, state_dir, repo, max_ttl, auth, webhook_secret_file })
+    let allow_networks =
+        if args.allow_networks.is_empty() { file.allow_networks.unwrap_or_default() } else { args.allow_networks };
+    let limits = file.limits.unwrap_or_default();
+    let zero = [
+        ("instances", limits.instances),
+        ("instances_per_service", limits.instances_per_service),
+        ("sherlocks", limits.sherlocks),
+        ("waiting_queries", limits.waiting_queries),
+    ];
+    if let Some((key, _)) = zero.iter().find(|(_, n)| *n == 0) {
+        return Err(invalid(format!("limits.{key}: 0 would refuse everything; give at least 1")));
+    }
+    Ok(Config { name, address, listen, state_dir, repo, max_ttl, auth, webhook_secret_file, allow_networks, limits })
 }
 
 /// A folder inside the repo: relative, no `..`, no empty segment.
@@ -318,6 +343,27 @@ mod tests {
             assert!(err.contains(want), "{flags:?}: {err}");
         }
         assert!(resolve(args(&["--routes-dir", "deploy/routes/"]), None).is_ok());
+    }
+
+    #[test]
+    fn networks_and_limits() {
+        let c = resolve(args(&[]), None).unwrap();
+        assert!(c.allow_networks.is_empty());
+        assert_eq!(c.limits, Limits::default());
+        let f = || file("allow_networks: [10.0.0.0/8]\nlimits:\n  instances: 50\n  waiting_queries: 7\n");
+        let c = resolve(args(&[]), Some(f())).unwrap();
+        assert_eq!(c.allow_networks, vec!["10.0.0.0/8".parse::<Network>().unwrap()]);
+        assert_eq!((c.limits.instances, c.limits.waiting_queries), (50, 7));
+        assert_eq!(c.limits.sherlocks, Limits::default().sherlocks, "unset keys keep their defaults");
+        let c = resolve(args(&["--allow-network", "127.0.0.0/8", "--allow-network", "fd00::/8"]), Some(f())).unwrap();
+        assert_eq!(c.allow_networks.len(), 2, "the flags replace the file's list");
+        let err = resolve(args(&[]), Some(file("limits: {sherlocks: 0}\n"))).unwrap_err().to_string();
+        assert!(err.contains("limits.sherlocks: 0 would refuse everything"), "{err}");
+        let err = config_file::parse::<FileConfig>(Path::new("d.yaml"), "limits: {instance: 5}\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `instance`"), "{err}");
+        use clap::Parser as _;
+        let err = Args::try_parse_from(["directory", "--allow-network", "10.1.2.3/8"]).unwrap_err().to_string();
+        assert!(err.contains("expected an address with a prefix length"), "{err}");
     }
 
     #[test]

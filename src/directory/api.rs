@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 use std::marker::PhantomData;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +28,9 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
 use super::auth::{Action, Caller, Denied, Unauthenticated};
-use super::Directory;
-use crate::model::{Heartbeat, InstanceId, Snapshot, SnapshotId};
+use super::limits::{check_address, Network};
+use super::{Directory, Full};
+use crate::model::{Heartbeat, InstanceId, InstanceUrl, Snapshot, SnapshotId};
 use crate::prometheus::{Exposition, CONTENT_TYPE};
 use crate::protocol::{ErrorBody, InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck, MAX_WAIT};
 
@@ -59,6 +60,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A limit of the directory's is reached (see `limits`).
+    #[error("{0}")]
+    TooMany(String),
 }
 
 impl IntoResponse for ApiError {
@@ -71,6 +75,7 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
         };
         let mut resp = (status, Json(ErrorBody { error: self.to_string() })).into_response();
         if status == StatusCode::UNAUTHORIZED {
@@ -84,6 +89,12 @@ impl IntoResponse for ApiError {
 impl From<Denied> for ApiError {
     fn from(denied: Denied) -> ApiError {
         ApiError::Forbidden(denied.0)
+    }
+}
+
+impl From<Full> for ApiError {
+    fn from(full: Full) -> ApiError {
+        ApiError::TooMany(full.0)
     }
 }
 
@@ -285,9 +296,37 @@ async fn put_instance(
         )));
     }
     caller.check(Action::Register(&heartbeat.service))?;
+    if !directory.is_refresh(&id, &heartbeat) {
+        check_destination(&directory.config.allow_networks, &heartbeat.url).await?;
+    }
     // The id may already be held by an instance of another service.
-    let ack = directory.heartbeat_if(id, heartbeat, |held| caller.check(Action::Register(held)))?;
+    let ack =
+        directory.heartbeat_if(id, heartbeat, |held| caller.check(Action::Register(held)).map_err(ApiError::from))?;
     Ok(Json(ack))
+}
+
+/// Where a new instance may point (`--allow-network`). An IP address is
+/// checked as it is; a DNS name is resolved and every address checked when
+/// networks are listed (without a list, names are left to each sherlock's
+/// resolver, and only literal addresses of the forbidden kinds are refused).
+async fn check_destination(allowed: &[Network], url: &InstanceUrl) -> Result<(), ApiError> {
+    let refuse = |why: String| ApiError::BadRequest(format!("instance URL {url}: {why}"));
+    let addrs: Vec<IpAddr> = match url.host().parse::<IpAddr>() {
+        Ok(addr) => vec![addr],
+        Err(_) if allowed.is_empty() => return Ok(()),
+        Err(_) => {
+            let lookup = tokio::net::lookup_host((url.host(), url.port()));
+            match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+                Ok(Ok(found)) => found.map(|a| a.ip()).collect(),
+                Ok(Err(e)) => return Err(refuse(format!("cannot resolve {}: {e}", url.host()))),
+                Err(_) => return Err(refuse(format!("resolving {} took over 2s", url.host()))),
+            }
+        }
+    };
+    if addrs.is_empty() {
+        return Err(refuse(format!("{} resolves to no address", url.host())));
+    }
+    addrs.into_iter().try_for_each(|addr| check_address(addr, allowed)).map_err(refuse)
 }
 
 async fn delete_instance(
@@ -324,6 +363,8 @@ async fn get_snapshot(
     }
 
     let held = SnapshotId { epoch: query.epoch, index: query.index };
+    // A slot among the waiting queries, held until this answer is sent.
+    let _slot = if wait.is_zero() { None } else { Some(directory.wait_slot()?) };
     let mut rx = directory.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -442,6 +483,8 @@ async fn metrics(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::directory::auth::Auth;
+    use crate::directory::limits::Limits;
     use crate::directory::Config;
     use axum::body::Body;
     use axum::http::Request;
@@ -454,7 +497,17 @@ mod tests {
     }
 
     fn app_with_auth(auth: crate::directory::auth::Auth) -> (Router, Arc<Directory>) {
+        app_with(auth, vec![], Limits::default())
+    }
+
+    fn app_with(
+        auth: crate::directory::auth::Auth,
+        allow_networks: Vec<Network>,
+        limits: Limits,
+    ) -> (Router, Arc<Directory>) {
         let config = Config {
+            allow_networks,
+            limits,
             name: "test".into(),
             address: None,
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -463,7 +516,7 @@ mod tests {
             max_ttl: Duration::from_secs(10),
             auth: crate::directory::AuthMode::Off { insecure: false },
             webhook_secret_file: None,
-            serve: Default::default(),
+            tls: None,
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         let (directory, _) = Directory::new_with_auth(config, auth, shutdown.clone());
@@ -645,6 +698,83 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn instance_urls_point_only_where_allowed() {
+        let body = |url: &str| GOOD.replace("http://127.0.0.1:9001/emitter", url);
+        let (app, _) = app_for_test();
+        let (status, json) = call(&app, "PUT", "/v1/instances/m", &body("http://169.254.169.254/latest")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            json["error"],
+            "instance URL http://169.254.169.254/latest: 169.254.169.254 is link-local (169.254.0.0/16); refused unless --allow-network lists it"
+        );
+        assert_eq!(call(&app, "PUT", "/v1/instances/n", &body("http://vm101/emitter")).await.0, StatusCode::OK);
+
+        let (app, _) = app_with(Auth::off(), vec!["127.0.0.0/8".parse().unwrap()], Limits::default());
+        assert_eq!(call(&app, "PUT", "/v1/instances/a", &body("http://127.0.0.2:80/e")).await.0, StatusCode::OK);
+        assert_eq!(call(&app, "PUT", "/v1/instances/b", &body("http://localhost:80/e")).await.0, StatusCode::OK);
+        let (status, json) = call(&app, "PUT", "/v1/instances/c", &body("http://10.0.0.1/e")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(json["error"].as_str().unwrap().contains("outside the allowed networks (--allow-network 127.0.0.0/8)"));
+        let (status, json) = call(&app, "PUT", "/v1/instances/d", &body("http://no-such-host.invalid/e")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(json["error"].as_str().unwrap().contains("no-such-host.invalid"), "{json}");
+    }
+
+    #[tokio::test]
+    async fn limits_are_429s_that_name_their_key() {
+        let limits =
+            Limits { instances: 3, instances_per_service: 2, sherlocks: 2, waiting_queries: 1, ..Limits::default() };
+        let (app, directory) = app_with(Auth::off(), vec![], limits);
+        let put = |id: &'static str, service: &'static str, port: u16| {
+            let app = app.clone();
+            async move {
+                let body = GOOD.replace("emitter", service).replace("9001", &port.to_string());
+                call(&app, "PUT", &format!("/v1/instances/{id}"), &body).await
+            }
+        };
+        assert_eq!(put("a1", "a", 1).await.0, StatusCode::OK);
+        assert_eq!(put("a2", "a", 2).await.0, StatusCode::OK);
+        let (status, json) = put("a3", "a", 3).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(json["error"].as_str().unwrap().contains("limits.instances_per_service"), "{json}");
+        assert_eq!(put("a1", "a", 1).await.0, StatusCode::OK, "a refresh is no new instance");
+        let (status, ack) = put("b1", "b", 4).await;
+        assert_eq!(status, StatusCode::OK);
+        let last = ack["index"].as_u64().unwrap();
+        let (status, json) = put("b2", "b", 5).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(json["error"].as_str().unwrap().contains("limits.instances)"), "{json}");
+
+        // One waiting query at a time; an immediate query needs no place.
+        let epoch = directory.epoch();
+        let mut rx = directory.subscribe();
+        let index = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.index >= last))
+            .await
+            .unwrap()
+            .unwrap()
+            .index;
+        let waiter = tokio::spawn({
+            let app = app.clone();
+            async move { call(&app, "GET", &format!("/v1/snapshot?epoch={epoch}&index={index}&wait=2s"), "").await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (status, json) = call(&app, "GET", &format!("/v1/snapshot?epoch={epoch}&index={index}&wait=2s"), "").await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{json}");
+        assert!(json["error"].as_str().unwrap().contains("limits.waiting_queries"));
+        assert_eq!(call(&app, "GET", "/v1/snapshot", "").await.0, StatusCode::OK);
+        assert_eq!(waiter.await.unwrap().0, StatusCode::OK);
+        let (status, _) = call(&app, "GET", &format!("/v1/snapshot?epoch={epoch}&index={index}&wait=10ms"), "").await;
+        assert_eq!(status, StatusCode::OK, "the place was freed");
+
+        // Sherlocks beyond the limit push out the longest silent.
+        for name in ["s1", "s2", "s3"] {
+            call(&app, "GET", &format!("/v1/snapshot?sherlock={name}"), "").await;
+        }
+        let names: Vec<String> = directory.sherlocks().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["s2", "s3"]);
+    }
+
+    #[tokio::test]
     async fn blocking_query_wakes_on_change() {
         let (app, directory) = app_for_test();
         let epoch = directory.epoch();
@@ -654,7 +784,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
-        directory.heartbeat("e1".parse().unwrap(), serde_json::from_str(GOOD).unwrap());
+        directory.heartbeat("e1".parse().unwrap(), serde_json::from_str(GOOD).unwrap()).unwrap();
         let (_, snap) = tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap();
         assert_eq!(snap["index"], 2);
         // A query from another epoch (a restarted directory's old index)

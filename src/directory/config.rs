@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::limits::{Limits, Network};
 use crate::config_file::{self, FileError, Seconds};
 use crate::gitsync::RepoUrl;
 use crate::model::DirectoryAddr;
@@ -22,11 +23,6 @@ const DEFAULT_POLL: Duration = Duration::from_secs(15);
 const DEFAULT_MAX_TTL: Duration = Duration::from_secs(10);
 /// Polling faster than this only loads the git server.
 const MIN_POLL: Duration = Duration::from_millis(100);
-/// Open connections at most, by default: one per watson service and per
-/// sherlock (each keeps one alive), for a fleet of several thousand hosts.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-/// How long a client may take to send a request header, by default.
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Keeps the registry of live service instances and serves snapshots to sherlocks.
 #[derive(Debug, Default, clap::Parser)]
@@ -77,6 +73,11 @@ pub struct Args {
     /// to POST /v1/reconcile, instead of an operator token.
     #[arg(long)]
     pub webhook_secret_file: Option<PathBuf>,
+    /// A network instance URLs may point into, e.g. 10.0.0.0/8 (repeat for
+    /// several). Without it, any address but link-local, multicast and
+    /// unspecified ones; those only when a listed network holds them.
+    #[arg(long = "allow-network", value_parser = clap::value_parser!(Network))]
+    pub allow_networks: Vec<Network>,
     /// The certificate chain (PEM) to serve HTTPS with, instead of HTTP;
     /// needs --tls-key. SIGHUP rereads both.
     #[arg(long, value_name = "PEM")]
@@ -109,41 +110,12 @@ pub struct FileConfig {
     pub auth_file: Option<PathBuf>,
     pub insecure: Option<bool>,
     pub webhook_secret_file: Option<PathBuf>,
+    pub allow_networks: Option<Vec<Network>>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub client_ca: Option<PathBuf>,
-    /// Bounds that keep one client from exhausting the directory.
-    pub limits: Option<FileLimits>,
-}
-
-/// The config file's `limits:` section (no flags: few need to change them).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileLimits {
-    pub max_connections: Option<usize>,
-    pub header_read_timeout: Option<Seconds>,
-}
-
-/// How the HTTP API is served: TLS, and the bounds on connections.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Serving {
-    /// The certificate, key and client CA; None serves plain HTTP.
-    pub tls: Option<ServerTlsFiles>,
-    /// Open connections at most; one more is answered 503 and closed.
-    pub max_connections: usize,
-    /// How long a client may take to finish its TLS handshake, and then
-    /// each request header; also how long a kept-alive connection may idle.
-    pub header_read_timeout: Duration,
-}
-
-impl Default for Serving {
-    fn default() -> Self {
-        Serving {
-            tls: None,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
-        }
-    }
+    /// Bounds on what clients may make the directory hold.
+    pub limits: Option<Limits>,
 }
 
 /// Where the desired state comes from.
@@ -193,8 +165,13 @@ pub struct Config {
     pub auth: AuthMode,
     /// The secret that signs webhooks, if any.
     pub webhook_secret_file: Option<PathBuf>,
-    /// TLS and the connection bounds.
-    pub serve: Serving,
+    /// The networks instance URLs may point into; empty: any ordinary address.
+    pub allow_networks: Vec<Network>,
+    /// Bounds on the registry, remembered sherlocks and waiting queries.
+    pub limits: Limits,
+    /// The certificate, key and client CA to serve HTTPS with; None
+    /// serves plain HTTP.
+    pub tls: Option<ServerTlsFiles>,
 }
 
 /// A setting that was refused; the message names the flag or file key.
@@ -281,24 +258,39 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
         }
         (None, None) => None,
     };
-    let serve = Serving { tls, ..resolve_limits(file.limits.unwrap_or_default())? };
-    Ok(Config { name, address, listen, state_dir, repo, max_ttl, auth, webhook_secret_file, serve })
-}
-
-/// The `limits:` section, checked; plain HTTP until TLS is added.
-fn resolve_limits(limits: FileLimits) -> Result<Serving, ConfigError> {
-    let max_connections = limits.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
-    if !(1..=1_000_000).contains(&max_connections) {
-        return Err(ConfigError::Invalid(format!("limits.max_connections {max_connections}: use 1 to 1000000")));
+    let allow_networks =
+        if args.allow_networks.is_empty() { file.allow_networks.unwrap_or_default() } else { args.allow_networks };
+    let limits = file.limits.unwrap_or_default();
+    let zero = [
+        ("instances", limits.instances),
+        ("instances_per_service", limits.instances_per_service),
+        ("sherlocks", limits.sherlocks),
+        ("waiting_queries", limits.waiting_queries),
+        ("max_connections", limits.max_connections),
+    ];
+    if let Some((key, _)) = zero.iter().find(|(_, n)| *n == 0) {
+        return Err(invalid(format!("limits.{key}: 0 would refuse everything; give at least 1")));
     }
-    let header_read_timeout = limits.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |s| s.0);
+    let header_read_timeout = limits.header_read_timeout.0;
     if header_read_timeout < Duration::from_millis(100) || header_read_timeout > Duration::from_secs(600) {
-        return Err(ConfigError::Invalid(format!(
+        return Err(invalid(format!(
             "limits.header_read_timeout {}: use 100ms to 10m",
             humantime::format_duration(header_read_timeout)
         )));
     }
-    Ok(Serving { tls: None, max_connections, header_read_timeout })
+    Ok(Config {
+        name,
+        address,
+        listen,
+        state_dir,
+        repo,
+        max_ttl,
+        auth,
+        webhook_secret_file,
+        allow_networks,
+        limits,
+        tls,
+    })
 }
 
 /// A folder inside the repo: relative, no `..`, no empty segment.
@@ -411,23 +403,23 @@ mod tests {
     #[test]
     fn tls_and_limits_from_flags_and_the_file() {
         let c = resolve(args(&[]), None).unwrap();
-        assert_eq!(c.serve, Serving::default(), "plain HTTP and the documented limits by default");
-        assert_eq!((c.serve.max_connections, c.serve.header_read_timeout), (10_000, Duration::from_secs(10)));
+        assert_eq!(c.tls, None, "plain HTTP by default");
+        assert_eq!((c.limits.max_connections, c.limits.header_read_timeout.0), (10_000, Duration::from_secs(10)));
         let yaml =
             "tls_cert: /f/cert.pem\ntls_key: /f/key.pem\nlimits:\n  max_connections: 5\n  header_read_timeout: 1s\n";
         let c = resolve(args(&["--tls-cert", "/a/cert.pem", "--client-ca", "/a/ca.pem"]), Some(file(yaml))).unwrap();
-        let tls = c.serve.tls.unwrap();
+        let tls = c.tls.unwrap();
         assert_eq!(
             (tls.cert.to_str(), tls.key.to_str(), tls.client_ca.as_deref().and_then(|p| p.to_str())),
             (Some("/a/cert.pem"), Some("/f/key.pem"), Some("/a/ca.pem")),
             "each flag beats its own key"
         );
-        assert_eq!((c.serve.max_connections, c.serve.header_read_timeout), (5, Duration::from_secs(1)));
+        assert_eq!((c.limits.max_connections, c.limits.header_read_timeout.0), (5, Duration::from_secs(1)));
         let cases: [(&[&str], &str, &str); 6] = [
             (&["--tls-cert", "/c"], "", "--tls-cert (tls_cert:) needs --tls-key"),
             (&[], "tls_key: /k\n", "--tls-key (tls_key:) needs --tls-cert"),
             (&["--client-ca", "/ca"], "", "--client-ca (client_ca:) needs --tls-cert and --tls-key"),
-            (&[], "limits:\n  max_connections: 0\n", "limits.max_connections 0: use 1 to 1000000"),
+            (&[], "limits:\n  max_connections: 0\n", "limits.max_connections: 0 would refuse everything"),
             (&[], "limits:\n  header_read_timeout: 10ms\n", "limits.header_read_timeout 10ms: use 100ms to 10m"),
             (&[], "limits:\n  header_read_timeout: 1h\n", "limits.header_read_timeout 1h: use 100ms to 10m"),
         ];
@@ -437,6 +429,27 @@ mod tests {
         }
         let err = config_file::parse::<FileConfig>(Path::new("d.yaml"), "limits:\n  max_conns: 5\n").unwrap_err();
         assert!(err.to_string().starts_with("d.yaml:2:3: limits: unknown field `max_conns`"), "{err}");
+    }
+
+    #[test]
+    fn networks_and_limits() {
+        let c = resolve(args(&[]), None).unwrap();
+        assert!(c.allow_networks.is_empty());
+        assert_eq!(c.limits, Limits::default());
+        let f = || file("allow_networks: [10.0.0.0/8]\nlimits:\n  instances: 50\n  waiting_queries: 7\n");
+        let c = resolve(args(&[]), Some(f())).unwrap();
+        assert_eq!(c.allow_networks, vec!["10.0.0.0/8".parse::<Network>().unwrap()]);
+        assert_eq!((c.limits.instances, c.limits.waiting_queries), (50, 7));
+        assert_eq!(c.limits.sherlocks, Limits::default().sherlocks, "unset keys keep their defaults");
+        let c = resolve(args(&["--allow-network", "127.0.0.0/8", "--allow-network", "fd00::/8"]), Some(f())).unwrap();
+        assert_eq!(c.allow_networks.len(), 2, "the flags replace the file's list");
+        let err = resolve(args(&[]), Some(file("limits: {sherlocks: 0}\n"))).unwrap_err().to_string();
+        assert!(err.contains("limits.sherlocks: 0 would refuse everything"), "{err}");
+        let err = config_file::parse::<FileConfig>(Path::new("d.yaml"), "limits: {instance: 5}\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `instance`"), "{err}");
+        use clap::Parser as _;
+        let err = Args::try_parse_from(["directory", "--allow-network", "10.1.2.3/8"]).unwrap_err().to_string();
+        assert!(err.contains("expected an address with a prefix length"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod limits;
 pub mod merge;
 pub mod publisher;
 pub mod reconcile;
@@ -12,7 +13,7 @@ pub mod serve;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,6 +32,12 @@ use registry::{Change, Registry};
 
 /// How long a silent sherlock stays listed in `/v1/status`.
 const SHERLOCK_FORGET: Duration = Duration::from_secs(600);
+
+/// A write refused because a limit is reached (a 429); the message names
+/// the limit's key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Full(pub String);
 
 /// What the directory knows of a sherlock that follows it.
 #[derive(Debug, Clone)]
@@ -99,6 +106,17 @@ pub struct Directory {
     reconcile_tx: Option<mpsc::Sender<Trigger>>,
     /// Wakes the publisher: a change is pending.
     wake: Notify,
+    /// Blocking queries waiting now (bounded by `limits.waiting_queries`).
+    waiting: Arc<AtomicUsize>,
+}
+
+/// A waiting query's place; dropping it frees the place.
+pub struct WaitSlot(Arc<AtomicUsize>);
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Directory {
@@ -145,6 +163,7 @@ impl Directory {
             shutdown,
             reconcile_tx: tx,
             wake: Notify::new(),
+            waiting: Arc::new(AtomicUsize::new(0)),
         });
         (directory, rx)
     }
@@ -159,6 +178,31 @@ impl Directory {
 
     pub fn uptime(&self) -> Duration {
         self.started_at.elapsed().unwrap_or_default()
+    }
+
+    /// A place for one more waiting blocking query, or a refusal naming
+    /// the limit.
+    pub fn wait_slot(&self) -> Result<WaitSlot, Full> {
+        let limit = self.config.limits.waiting_queries;
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= limit {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(Full(format!(
+                "{limit} blocking queries are waiting already (limits.waiting_queries); retry later"
+            )));
+        }
+        Ok(WaitSlot(self.waiting.clone()))
+    }
+
+    /// Whether a heartbeat only refreshes an instance as it is registered
+    /// (same service, version and URL): such a heartbeat needs no checks of
+    /// where it points.
+    pub fn is_refresh(&self, id: &InstanceId, heartbeat: &Heartbeat) -> bool {
+        let inner = self.inner.lock().unwrap();
+        inner.registry.get(id).is_some_and(|e| {
+            e.heartbeat.service == heartbeat.service
+                && e.heartbeat.version == heartbeat.version
+                && e.heartbeat.url == heartbeat.url
+        })
     }
 
     /// Marks a change for the publisher and wakes it.
@@ -229,15 +273,15 @@ impl Directory {
         self.snapshots.subscribe()
     }
 
-    pub fn heartbeat(&self, id: InstanceId, heartbeat: Heartbeat) -> WriteAck {
-        self.heartbeat_if(id, heartbeat, |_| Ok::<(), ()>(())).expect("nothing refuses")
+    pub fn heartbeat(&self, id: InstanceId, heartbeat: Heartbeat) -> Result<WriteAck, Full> {
+        self.heartbeat_if(id, heartbeat, |_| Ok::<(), Full>(()))
     }
 
     /// A heartbeat from a caller who may touch some services only: refused
     /// by `may` when the id is registered for another service (so a token
     /// for `emitter` cannot take over a `barker` instance by its id).
     /// Checked under the registry's lock, so no write slips in between.
-    pub fn heartbeat_if<E>(
+    pub fn heartbeat_if<E: From<Full>>(
         &self,
         id: InstanceId,
         heartbeat: Heartbeat,
@@ -246,8 +290,27 @@ impl Directory {
         let now = Instant::now();
         let expires = now + Duration::from_millis(heartbeat.ttl_ms);
         let mut inner = self.inner.lock().unwrap();
-        if let Some(held) = inner.registry.get(&id) {
-            may(&held.heartbeat.service)?;
+        let held = inner.registry.get(&id).map(|e| e.heartbeat.service.clone());
+        if let Some(held) = &held {
+            may(held)?;
+        }
+        // A new instance, or one moving to another service, must fit.
+        if held.as_ref() != Some(&heartbeat.service) {
+            let limits = &self.config.limits;
+            if held.is_none() && inner.registry.len() >= limits.instances {
+                return Err(Full(format!(
+                    "the directory holds {} instances, its limit (limits.instances); none is added until one leaves",
+                    limits.instances
+                ))
+                .into());
+            }
+            if inner.registry.count_of(&heartbeat.service) >= limits.instances_per_service {
+                return Err(Full(format!(
+                    "{} has {} instances, the limit for one service (limits.instances_per_service)",
+                    heartbeat.service, limits.instances_per_service
+                ))
+                .into());
+            }
         }
         self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
         if inner.registry.heartbeat(id.clone(), heartbeat, now) == Change::Membership {
@@ -339,6 +402,13 @@ impl Directory {
     /// Records that a sherlock asked for a snapshot, having applied `applied`.
     pub fn saw_sherlock(&self, name: String, applied: SnapshotId, peer: SocketAddr) {
         let mut inner = self.inner.lock().unwrap();
+        // At the limit, the longest silent sherlock is forgotten for a new one.
+        if inner.sherlocks.len() >= self.config.limits.sherlocks && !inner.sherlocks.contains_key(&name) {
+            let oldest = inner.sherlocks.iter().min_by_key(|(_, s)| s.last_seen).map(|(n, _)| n.clone());
+            if let Some(oldest) = oldest {
+                inner.sherlocks.remove(&oldest);
+            }
+        }
         inner.sherlocks.insert(name, SherlockSeen { applied, peer: peer.to_string(), last_seen: Instant::now() });
     }
 
@@ -411,7 +481,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
     let auth = setup_auth(&config)?;
-    let tls = match config.serve.tls.clone() {
+    let tls = match config.tls.clone() {
         Some(files) => Some(Arc::new(crate::tls::ServerTls::load(files).context("serving HTTPS")?)),
         None => None,
     };
@@ -435,8 +505,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         name = %directory.config.name,
         tls = tls.is_some(),
         client_certificates = tls.as_ref().is_some_and(|t| t.files().client_ca.is_some()),
-        max_connections = directory.config.serve.max_connections,
-        header_read_timeout = ?directory.config.serve.header_read_timeout,
+        max_connections = directory.config.limits.max_connections,
+        header_read_timeout = ?directory.config.limits.header_read_timeout.0,
         "directory listening"
     );
 

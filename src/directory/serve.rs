@@ -53,9 +53,9 @@ pub async fn serve(
     tls: Option<Arc<ServerTls>>,
     shutdown: CancellationToken,
 ) {
-    let limits = &directory.config.serve;
+    let limits = &directory.config.limits;
     let max = usable_connections(limits.max_connections);
-    let header_read_timeout = limits.header_read_timeout;
+    let header_read_timeout = limits.header_read_timeout.0;
     let slots = Arc::new(Semaphore::new(max));
     let refusing = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
     let refusal = refusal_app(max);

@@ -960,7 +960,8 @@ mod snapshot_tests {
 
     #[test]
     fn names_versions_ids_and_urls_are_parsed() {
-        let cases: [(&str, fn(&mut serde_json::Value), &str); 6] = [
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit, &str); 6] = [
             ("service", |v| v["services"] = serde_json::json!({"Emitter\n": {"backends": []}}), "invalid service name"),
             ("client", |v| v["clients"] = serde_json::json!({"a b": {}}), "invalid client name"),
             ("id", |v| v["services"]["emitter"]["backends"][0]["id"] = "a#b".into(), "invalid instance id"),

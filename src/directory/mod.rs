@@ -355,8 +355,8 @@ pub(crate) async fn publish_loop(directory: Arc<Directory>, shutdown: Cancellati
 /// Runs a directory until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     use anyhow::Context;
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
+    // The routes mirror decides what traffic does: no one else may write it.
+    crate::private_dir::ensure(&config.state_dir, "--state-dir")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding --listen {}", config.listen))?;

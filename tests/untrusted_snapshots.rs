@@ -120,7 +120,8 @@ async fn the_payload_runs_a_program_when_it_reaches_haproxy() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let ran = eventually(Duration::from_secs(10), "the injected program to run", async || marker.exists().then_some(()));
+    let ran =
+        eventually(Duration::from_secs(10), "the injected program to run", async || marker.exists().then_some(()));
     let ran = tokio::time::timeout(Duration::from_secs(11), ran).await;
     // SAFETY: signalling our own child; SIGTERM ends the master and its children.
     unsafe { libc::kill(haproxy.id() as i32, libc::SIGTERM) };

@@ -82,18 +82,26 @@ fn excerpt(s: &str) -> String {
 /// The formatter of every `{{ ... }}`: prints the value if every character
 /// of it may be printed (see the module's doc), else fails the render.
 fn checked_format(out: &mut minijinja::Output, _: &minijinja::State, value: &Value) -> Result<(), minijinja::Error> {
-    let text = value.to_string();
+    // Strings, most of what a config prints, are checked without a copy.
+    let owned;
+    let text = match value.as_str() {
+        Some(text) => text,
+        None => {
+            owned = value.to_string();
+            &owned
+        }
+    };
     if let Some(bad) = text.chars().find(|c| !value_char(*c)) {
         return Err(minijinja::Error::new(
             ErrorKind::InvalidOperation,
             format!(
                 "the value {} holds {bad:?}: a printed value may not hold whitespace, a control character, \
                  '#', a quote or a backslash (write such text in the template itself)",
-                excerpt(&text)
+                excerpt(text)
             ),
         ));
     }
-    out.write_str(&text).map_err(minijinja::Error::from)
+    out.write_str(text).map_err(minijinja::Error::from)
 }
 
 /// The characters a socket path may hold: HAProxy reads it unquoted.

@@ -28,6 +28,8 @@ clean:
 	$(CARGO) clean
 	rm -rf .demo
 
-bench:
+# Exits non-zero when a benchmark section fails or a tool's output cannot be read.
+bench: deps
+	@command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk (Debian: apt-get install wrk)" >&2; exit 1; }
 	$(CARGO) bench --bench reconcile
 	$(CARGO) bench --bench hitless

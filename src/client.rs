@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 
 use crate::model::{DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotError, SnapshotId, MAX_SNAPSHOT_BYTES};
 use crate::protocol::{InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck};
+use crate::secret::Secret;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -63,6 +64,9 @@ pub struct DirectoryClient {
     /// Named in every error, so a log line says which directory failed.
     pub addr: DirectoryAddr,
     http: reqwest::Client,
+    /// `Bearer TOKEN`, sent with every request; marked sensitive, so that
+    /// no `Debug` shows it.
+    authorization: Option<reqwest::header::HeaderValue>,
 }
 
 impl DirectoryClient {
@@ -74,7 +78,18 @@ impl DirectoryClient {
             .user_agent(concat!("dstack/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a reqwest client with no TLS and no proxy settings always builds");
-        DirectoryClient { addr, http }
+        DirectoryClient { addr, http, authorization: None }
+    }
+
+    /// Sends `Authorization: Bearer TOKEN` with every request.
+    pub fn with_token(mut self, token: Option<&Secret>) -> DirectoryClient {
+        self.authorization = token.map(|t| {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", t.expose()))
+                .expect("a checked token is printable ASCII");
+            value.set_sensitive(true);
+            value
+        });
+        self
     }
 
     fn url(&self, path: &str) -> String {
@@ -86,8 +101,13 @@ impl DirectoryClient {
         resp.json().await.map_err(|source| ClientError::Decode { addr: self.addr.clone(), source })
     }
 
-    /// Sends the request; a successful response, or the refusal it carries.
+    /// Sends the request with the token; a successful response, or the
+    /// refusal it carries.
     async fn respond(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let req = match &self.authorization {
+            Some(value) => req.header(reqwest::header::AUTHORIZATION, value.clone()),
+            None => req,
+        };
         let resp = req.send().await.map_err(|source| ClientError::Unreachable { addr: self.addr.clone(), source })?;
         let status = resp.status();
         if !status.is_success() {
@@ -219,5 +239,14 @@ mod tests {
         let client = DirectoryClient::new(addr, Duration::from_secs(5));
         let err = client.snapshot(SnapshotId::default(), Duration::ZERO, None).await.unwrap_err().to_string();
         assert!(err.contains("refused: not a valid snapshot: commit \"abc1234\\nprogram x\""), "{err}");
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug() {
+        let token = Secret::new("s3cret-token").unwrap();
+        let client =
+            DirectoryClient::new("127.0.0.1:1".parse().unwrap(), Duration::from_secs(1)).with_token(Some(&token));
+        let shown = format!("{client:?}");
+        assert!(shown.contains("127.0.0.1:1") && !shown.contains("s3cret"), "{shown}");
     }
 }

@@ -1,13 +1,14 @@
-//! git2: the directory's mirror of the routes repo, and the commit, push and
-//! revert that `dw` makes in an operator's clone.
+//! git2: the directory's mirror of the routes repo, and the reads `dw`
+//! makes in an operator's clone (its commits, reverts and pushes run `git`
+//! itself; see `dw::workspace`).
 //!
 //! All of it is blocking (libgit2); async callers use `spawn_blocking`.
 
 use std::path::{Path, PathBuf};
 
-use git2::{Cred, CredentialType, FetchOptions, Oid, PushOptions, RemoteCallbacks, Repository};
+use git2::{Cred, CredentialType, FetchOptions, Oid, RemoteCallbacks, Repository};
 
-use crate::routes::{is_routes_file, RawFile};
+use crate::routes::{is_routes_file, read_bounded, RawFile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -24,6 +25,60 @@ pub enum GitError {
 fn ctx(context: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
     let context = context.into();
     move |source| GitError::Git { context, source }
+}
+
+/// A routes repo's URL or path. Credentials written into it
+/// (`https://user:token@host/routes.git`) are for git alone: `Display` and
+/// `Debug` show `https://***@host/routes.git`, so status, logs and errors
+/// never carry them; [`RepoUrl::expose`] is called only to hand it to git.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RepoUrl {
+    raw: String,
+    /// The userinfo to hide (`user:token`), when the URL has a secret one.
+    secret: Option<String>,
+}
+
+impl RepoUrl {
+    pub fn new(raw: &str) -> RepoUrl {
+        RepoUrl { raw: raw.to_string(), secret: secret_userinfo(raw).map(str::to_string) }
+    }
+
+    /// The URL with its credentials, for git only.
+    pub fn expose(&self) -> &str {
+        &self.raw
+    }
+
+    /// `text` with this URL's credentials replaced wherever they appear
+    /// (libgit2's messages may quote the URL).
+    pub fn scrub(&self, text: &str) -> String {
+        match &self.secret {
+            Some(secret) => text.replace(secret.as_str(), "***"),
+            None => text.to_string(),
+        }
+    }
+}
+
+/// The userinfo of `scheme://userinfo@host...` when it may be a secret: one
+/// with a password, or any user of http(s), where tokens go in the user
+/// name. `ssh://git@host` and `git@host:path` name no secret.
+fn secret_userinfo(url: &str) -> Option<&str> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next().unwrap_or("");
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let http = scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https");
+    (!userinfo.is_empty() && (userinfo.contains(':') || http)).then_some(userinfo)
+}
+
+impl std::fmt::Display for RepoUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.scrub(&self.raw))
+    }
+}
+
+impl std::fmt::Debug for RepoUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RepoUrl({self})")
+    }
 }
 
 /// Credentials as git itself would find them: the ssh agent for ssh URLs,
@@ -56,23 +111,26 @@ pub fn callbacks<'a>() -> RemoteCallbacks<'a> {
 pub struct Mirror {
     repo: Repository,
     branch: String,
+    /// Named (without credentials) in errors.
+    url: RepoUrl,
 }
 
 impl Mirror {
     /// Opens the mirror at `path`, or clones `url` there. A mirror of some
     /// other URL is replaced.
-    pub fn open_or_clone(url: &str, path: &Path, branch: &str) -> Result<Mirror, GitError> {
+    pub fn open_or_clone(url: &RepoUrl, path: &Path, branch: &str) -> Result<Mirror, GitError> {
         if let Ok(repo) = Repository::open_bare(path) {
-            let same = repo.find_remote("origin").ok().map(|r| r.url().is_ok_and(|u| u == url)).unwrap_or(false);
+            let same =
+                repo.find_remote("origin").ok().map(|r| r.url().is_ok_and(|u| u == url.expose())).unwrap_or(false);
             if same {
-                return Ok(Mirror { repo, branch: branch.to_string() });
+                return Ok(Mirror { repo, branch: branch.to_string(), url: url.clone() });
             }
             std::fs::remove_dir_all(path)
                 .map_err(|e| GitError::Other(format!("removing stale mirror {}: {e}", path.display())))?;
         }
         let repo = Repository::init_bare(path).map_err(ctx(format!("creating a mirror in {}", path.display())))?;
-        repo.remote("origin", url).map_err(ctx(format!("adding remote {url}")))?;
-        Ok(Mirror { repo, branch: branch.to_string() })
+        repo.remote("origin", url.expose()).map_err(ctx(format!("adding remote {url}")))?;
+        Ok(Mirror { repo, branch: branch.to_string(), url: url.clone() })
     }
 
     /// Fetches the branch and returns the commit it points at.
@@ -81,11 +139,14 @@ impl Mirror {
         let refspec = format!("+refs/heads/{0}:refs/remotes/origin/{0}", self.branch);
         let mut opts = FetchOptions::new();
         opts.remote_callbacks(callbacks());
-        remote.fetch(&[&refspec], Some(&mut opts), None).map_err(ctx(format!(
-            "fetching branch {} from {}",
-            self.branch,
-            remote.url().unwrap_or("?")
-        )))?;
+        remote.fetch(&[&refspec], Some(&mut opts), None).map_err(|source| {
+            GitError::Other(self.url.scrub(&format!(
+                "fetching branch {} from {}: {}",
+                self.branch,
+                self.url,
+                source.message()
+            )))
+        })?;
         let reference = format!("refs/remotes/origin/{}", self.branch);
         let oid =
             self.repo.refname_to_id(&reference).map_err(ctx(format!("the remote has no branch {:?}", self.branch)))?;
@@ -119,18 +180,24 @@ pub fn routes_files(repo: &Repository, commit: Oid, routes_dir: &str) -> Result<
         Err(_) => None,
     };
     let Some(subtree) = subtree else { return Ok(Vec::new()) };
+    let odb = repo.odb().map_err(ctx("opening the object database"))?;
     let mut files = Vec::new();
     for entry in subtree.iter() {
         let Ok(name) = entry.name() else { continue };
         if !is_routes_file(name) || entry.kind() != Some(git2::ObjectType::Blob) {
             continue;
         }
-        let blob =
-            entry.to_object(repo).and_then(|o| o.peel_to_blob()).map_err(ctx(format!("reading {dir}/{name}")))?;
-        // Bytes, not text: `routes::read_files` refuses a file that is not UTF-8.
-        files.push((format!("{dir}/{name}"), blob.content().to_vec()));
+        // The size from the object header: an oversized blob is never loaded.
+        let (size, _) = odb.read_header(entry.id()).map_err(ctx(format!("reading {dir}/{name}")))?;
+        let content = read_bounded(size as u64, || {
+            let blob = entry.to_object(repo).and_then(|o| o.peel_to_blob())?;
+            // Bytes, not text: `routes::read_files` refuses a file that is not UTF-8.
+            Ok(blob.content().to_vec())
+        })
+        .map_err(ctx(format!("reading {dir}/{name}")))?;
+        files.push((format!("{dir}/{name}"), content));
     }
-    files.sort();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(files)
 }
 
@@ -146,32 +213,10 @@ pub fn local_git_dir(url: &str) -> Option<PathBuf> {
     Some(repo.path().to_path_buf())
 }
 
-/// Pushes `branch` of `repo` to its remote `origin`.
-pub fn push(repo: &Repository, branch: &str) -> Result<(), GitError> {
-    let mut remote = repo.find_remote("origin").map_err(ctx("finding remote origin"))?;
-    let mut rejected: Option<String> = None;
-    {
-        let mut cb = callbacks();
-        cb.push_update_reference(|refname, status| {
-            if let Some(msg) = status {
-                rejected = Some(format!("{refname}: {msg}"));
-            }
-            Ok(())
-        });
-        let mut opts = PushOptions::new();
-        opts.remote_callbacks(cb);
-        let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
-        remote.push(&[&refspec], Some(&mut opts)).map_err(ctx(format!("pushing {branch} to origin")))?;
-    }
-    match rejected {
-        Some(why) => Err(GitError::Other(format!("the remote refused the push ({why}); pull first"))),
-        None => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routes::Content;
 
     /// Makes a commit of `files` on `branch` in a non-bare repo.
     fn commit(repo: &Repository, files: &[(&str, &str)], message: &str) -> Oid {
@@ -192,17 +237,33 @@ mod tests {
     }
 
     #[test]
+    fn credentials_in_a_repo_url_never_show() {
+        let url = RepoUrl::new("https://alice:s3cret@git.example.com/ops/routes.git");
+        assert_eq!(url.to_string(), "https://***@git.example.com/ops/routes.git");
+        assert_eq!(format!("{url:?}"), "RepoUrl(https://***@git.example.com/ops/routes.git)");
+        assert_eq!(url.expose(), "https://alice:s3cret@git.example.com/ops/routes.git");
+        assert_eq!(url.scrub("cannot reach alice:s3cret@git.example.com"), "cannot reach ***@git.example.com");
+        // A token as the user name of an https URL is a secret too.
+        assert_eq!(RepoUrl::new("https://ghp_abc@github.com/o/r").to_string(), "https://***@github.com/o/r");
+        // An ssh user is no secret; paths have no credentials.
+        for plain in ["ssh://git@host/r.git", "git@host:r.git", "/srv/routes", "file:///srv/routes"] {
+            assert_eq!(RepoUrl::new(plain).to_string(), plain);
+        }
+        assert_eq!(RepoUrl::new("ssh://git:pw@host/r").to_string(), "ssh://***@host/r");
+    }
+
+    #[test]
     fn mirror_fetches_and_reads_routes() {
         let tmp = tempfile::tempdir().unwrap();
         let origin =
             Repository::init_opts(tmp.path().join("origin"), git2::RepositoryInitOptions::new().initial_head("main"))
                 .unwrap();
         let first = commit(&origin, &[("routes/barker.yaml", "barker: {v1: 100}\n"), ("README.md", "x")], "first");
-        let url = tmp.path().join("origin").to_str().unwrap().to_string();
+        let url = RepoUrl::new(tmp.path().join("origin").to_str().unwrap());
         let mirror = Mirror::open_or_clone(&url, &tmp.path().join("mirror"), "main").unwrap();
         assert_eq!(mirror.fetch().unwrap(), first);
         let files = mirror.routes_files(first, "routes").unwrap();
-        assert_eq!(files, vec![("routes/barker.yaml".to_string(), b"barker: {v1: 100}\n".to_vec())]);
+        assert_eq!(files, vec![("routes/barker.yaml".to_string(), Content::Bytes(b"barker: {v1: 100}\n".to_vec()))]);
 
         let second = commit(&origin, &[("routes/emitter.yml", "emitter: {v1: 100}\n")], "second");
         // Reopening finds the existing mirror and fetches the new commit.
@@ -210,7 +271,7 @@ mod tests {
         assert_eq!(mirror.fetch().unwrap(), second);
         assert_eq!(mirror.routes_files(second, "routes").unwrap().len(), 2);
         assert_eq!(mirror.summary(second), "second");
-        assert!(local_git_dir(&url).is_some());
+        assert!(local_git_dir(url.expose()).is_some());
         assert!(local_git_dir("https://example.com/x.git").is_none());
         assert!(local_git_dir(&format!("file://{url}")).is_none());
 

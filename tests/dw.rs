@@ -148,7 +148,7 @@ async fn route_set_plan_apply_and_rollback_move_live_traffic() {
     let applied = s.local_head();
     assert_ne!(applied, s.initial);
     assert_eq!(s.remote_head(), applied);
-    assert_eq!(s.remote_message(), "barker: canary v2 at 10%");
+    assert_eq!(s.remote_message().trim_end(), "barker: canary v2 at 10%", "git ends a message with a newline");
     assert!(run.1.contains(&short(applied)), "{}", run.1);
     let (counts, errors) = s.cluster.tally("/barker/", 500).await;
     let versions = by_version(&counts);

@@ -120,3 +120,73 @@ async fn a_client_with_its_own_route_follows_it_while_others_follow_the_service(
     }
     assert_eq!(v2, 20, "the monolith sherlock follows its own entry");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directory_follows_its_branch_and_routes_dir_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = RoutesRepo::new(tmp.path());
+    // The default folder holds a decoy; the one followed says all on v2.
+    let prod = repo.commit_local(
+        &[
+            ("routes/barker.yaml", "barker: {v1: 100, v2: 0}\n"),
+            ("deploy/routes/barker.yaml", "barker: {v1: 0, v2: 100}\n"),
+        ],
+        "prod routes",
+    );
+    repo.push_to("prod");
+    // main moves on; the directory follows prod, so it never sees this.
+    let main = repo.commit(&[("deploy/routes/barker.yaml", "barker: {v1: 50, v2: 50}\n")], "main only");
+    let url = repo.url();
+    let cluster =
+        Cluster::start_with(&["--repo", &url, "--branch", "prod", "--routes-dir", "deploy/routes", "--poll", "1h"])
+            .await;
+    let (_instances, _watsons) = cluster.fleet("barker", &["v1", "v2"]).await;
+    cluster.wait_for_instances("barker", 2).await;
+    cluster.wait_for_commit(prod).await;
+    let status = cluster.status().await;
+    assert_eq!(status["routes"]["branch"], "prod", "{status}");
+    assert_eq!(status["desired"]["routes"]["barker"]["weights"], serde_json::json!({"v1": 0, "v2": 100}), "{status}");
+    let (counts, errors) = cluster.tally("/barker/", 20).await;
+    assert_eq!((by_version(&counts).get("v2"), errors), (Some(&20), 0), "{counts:?}");
+
+    // A push to prod is picked up; main's own head never was.
+    let answer = cluster.reconcile().await;
+    assert_eq!(answer["commit"], prod.to_string(), "main's {main} is not followed: {answer}");
+    let next = repo.commit_local(&[("deploy/routes/barker.yaml", "barker: {v1: 100, v2: 0}\n")], "prod back to v1");
+    repo.push_to("prod");
+    cluster.reconcile().await;
+    cluster.wait_for_commit(next).await;
+    let (counts, _) = cluster.tally("/barker/", 20).await;
+    assert_eq!(by_version(&counts).get("v1"), Some(&20), "{counts:?}");
+}
+
+/// This host's name, as sherlock reads it for its default `--client`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sherlock_follows_the_route_of_its_host_name_by_default() {
+    let host = host_name();
+    let valid = host.len() <= 63
+        && host.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && host.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
+    assert!(valid, "this test needs a host name that is a valid client name, not {host:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = RoutesRepo::new(tmp.path());
+    let routes = format!("barker:\n  weights: {{v1: 100, v2: 0}}\n  clients:\n    {host}: {{v1: 0, v2: 100}}\n");
+    let commit = repo.commit(&[("routes/barker.yaml", &routes)], "this host tries v2");
+    let url = repo.url();
+    // The cluster's sherlock is given no --client; another names a client.
+    let cluster = Cluster::start_with(&["--repo", &url, "--poll", "1h"]).await;
+    let (other_port, _other) = cluster.start_sherlock(&["--client", "elsewhere"]).await;
+    let (_instances, _watsons) = cluster.fleet("barker", &["v1", "v2"]).await;
+    cluster.wait_for_instances("barker", 2).await;
+    cluster.wait_for_commit(commit).await;
+
+    assert_eq!(cluster.sherlock_status(cluster.sherlock_port).await["client"], host.as_str());
+    let (counts, errors) = cluster.tally("/barker/", 20).await;
+    assert_eq!((by_version(&counts).get("v2"), errors), (Some(&20), 0), "the host's own route: {counts:?}");
+    let (counts, errors) = cluster.tally_via(other_port, "/barker/", 20).await;
+    assert_eq!((by_version(&counts).get("v1"), errors), (Some(&20), 0), "another client: {counts:?}");
+}

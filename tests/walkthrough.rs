@@ -50,7 +50,7 @@ async fn round_robin_path_rewrite_and_route_list() {
         assert!(line.starts_with("emitter") && line.contains(" v1 ") && line.contains(" yes "), "{line}");
         assert!(line.contains("33.3%") && line.contains("s ago"), "{line}");
     }
-    // The address forms of DESIGN.md all reach the same directory.
+    // The address forms of the README (Command lines) all reach the same directory.
     let port = cluster.directory_port.to_string();
     for form in [format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}/")] {
         let (code, out, err) = run_dw(&["-d", &form, "route", "list"], None);
@@ -183,18 +183,40 @@ async fn a_transform_consumes_emitter_through_sherlock_as_a_pipeline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_deregisters_at_once() {
+async fn sigterm_and_sigint_deregister_at_once() {
     let cluster = Cluster::start().await;
     let a = Instance::start("vm101").await;
-    let mut watson = cluster.watson("emitter", &a.url("/emitter"), &[]);
+    let b = Instance::start("vm102").await;
+    let mut by_term = cluster.watson("emitter", &a.url("/emitter"), &[]);
+    let mut by_int = cluster.watson("emitter", &b.url("/emitter"), &[]);
+    cluster.wait_for_instances("emitter", 2).await;
+    for (watson, signal, left) in [(&mut by_term, libc::SIGTERM, 1), (&mut by_int, libc::SIGINT, 0)] {
+        let t0 = Instant::now();
+        let status = watson.stop_with(signal);
+        assert!(status.success(), "watson exited with {status} on signal {signal}");
+        cluster.wait_for_instances("emitter", left).await;
+        // The TTL is 3 s: gone well before it means deregistered, not expired.
+        assert!(t0.elapsed() < Duration::from_millis(1500), "signal {signal}: took {:?}", t0.elapsed());
+        assert!(watson.log_text().contains("deregistered at shutdown"), "signal {signal}");
+    }
+    assert!(by_int.log_text().contains("SIGINT"), "{}", by_int.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_url_elsewhere_decides_liveness() {
+    let cluster = Cluster::start().await;
+    let a = Instance::start("vm101").await;
+    // The instance's own /liveness_check always passes; this one decides.
+    let health = Instance::start("health").await;
+    let check = health.url("/status/liveness_check");
+    let _watson = cluster.watson("emitter", &a.url("/emitter"), &["--check-url", &check, "--rise", "1", "--fall", "1"]);
     cluster.wait_for_instances("emitter", 1).await;
-    let t0 = Instant::now();
-    let status = watson.stop();
-    assert!(status.success(), "watson exited with {status}");
+
+    health.healthy.store(false, Ordering::SeqCst);
     cluster.wait_for_instances("emitter", 0).await;
-    // The TTL is 3 s: gone well before it means deregistered, not expired.
-    assert!(t0.elapsed() < Duration::from_millis(1500), "took {:?}", t0.elapsed());
-    assert!(watson.log_text().contains("deregistered at shutdown"));
+    assert!(a.healthy.load(Ordering::SeqCst), "its own check would still pass");
+    health.healthy.store(true, Ordering::SeqCst);
+    cluster.wait_for_instances("emitter", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,9 +4,15 @@
 //! Input arrives through the extractors below, whose every rejection is the
 //! same JSON `{"error": ...}` as any other refusal (the body limit's 413
 //! included); one middleware counts every 4xx. Handlers hold only logic.
+//!
+//! Every handler takes an [`Allowed`] (or, for the webhook, a
+//! [`ReconcileAllowed`]) first: it authenticates the caller (401) and asks
+//! [`Caller::check`], the one place that decides, whether the caller's
+//! role allows the endpoint (403).
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::marker::PhantomData;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,13 +27,18 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
-use super::Directory;
-use crate::model::{Heartbeat, InstanceId, Snapshot, SnapshotId};
+use super::auth::{Action, Caller, Denied, Unauthenticated};
+use super::limits::{check_address, Network};
+use super::{Directory, Full};
+use crate::model::{Heartbeat, InstanceId, InstanceUrl, Snapshot, SnapshotId};
 use crate::prometheus::{Exposition, CONTENT_TYPE};
 use crate::protocol::{ErrorBody, InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck, MAX_WAIT};
 
 /// Heartbeats are tiny; anything larger is a mistake or an attack.
 const MAX_BODY: usize = 64 * 1024;
+/// A git host's push event lists the commits pushed; the webhook's body is
+/// read whole to check its signature.
+const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 const MIN_TTL_MS: u64 = 100;
 
 /// Every way a request can fail. Internal details are logged, never sent.
@@ -39,10 +50,19 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("the request body is larger than {MAX_BODY} bytes")]
-    TooLarge,
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
+    /// No valid token (or webhook signature).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token whose role or services do not allow the request.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A limit of the directory's is reached (see `limits`).
+    #[error("{0}")]
+    TooMany(String),
 }
 
 impl IntoResponse for ApiError {
@@ -51,10 +71,36 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
         };
-        (status, Json(ErrorBody { error: self.to_string() })).into_response()
+        let mut resp = (status, Json(ErrorBody { error: self.to_string() })).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 6750: a 401 says which scheme would do.
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> ApiError {
+        ApiError::Forbidden(denied.0)
+    }
+}
+
+impl From<Full> for ApiError {
+    fn from(full: Full) -> ApiError {
+        ApiError::TooMany(full.0)
+    }
+}
+
+impl From<Unauthenticated> for ApiError {
+    fn from(refused: Unauthenticated) -> ApiError {
+        ApiError::Unauthorized(refused.0)
     }
 }
 
@@ -85,7 +131,7 @@ impl<S: Send + Sync, T: Body> FromRequest<S> for JsonBody<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|e| match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(MAX_BODY),
             _ => ApiError::BadRequest(format!("cannot read the request body: {}", e.body_text())),
         })?;
         serde_json::from_slice(&bytes)
@@ -121,12 +167,99 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     }
 }
 
+/// What an endpoint needs of its caller: one [`Action`], checked by
+/// [`Allowed`] before anything else of the request is read.
+pub trait Need {
+    const ACTION: Action<'static>;
+}
+
+/// `/v1/status`, `/v1/instances`, `/metrics`, `/`.
+pub struct ReadAccess;
+impl Need for ReadAccess {
+    const ACTION: Action<'static> = Action::Read;
+}
+
+/// `GET /v1/snapshot`.
+pub struct SubscribeAccess;
+impl Need for SubscribeAccess {
+    const ACTION: Action<'static> = Action::Subscribe;
+}
+
+/// `PUT` and `DELETE /v1/instances/{id}`; the service is checked once known.
+pub struct WriteAccess;
+impl Need for WriteAccess {
+    const ACTION: Action<'static> = Action::Write;
+}
+
+/// The caller, authenticated from `Authorization: Bearer TOKEN` (401
+/// otherwise) and allowed `N::ACTION` (403 otherwise).
+pub struct Allowed<N>(pub Caller, PhantomData<N>);
+
+fn authenticate(parts: &Parts, directory: &Directory) -> Result<Caller, ApiError> {
+    let header = parts.headers.get(header::AUTHORIZATION).map(|h| h.as_bytes());
+    Ok(directory.auth.authenticate(header)?)
+}
+
+impl<N: Need> FromRequestParts<Arc<Directory>> for Allowed<N> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, directory: &Arc<Directory>) -> Result<Self, ApiError> {
+        let caller = authenticate(parts, directory)?;
+        caller.check(N::ACTION)?;
+        Ok(Allowed(caller, PhantomData))
+    }
+}
+
+/// `POST /v1/reconcile`'s caller: a webhook whose `X-Hub-Signature-256`
+/// checks against the raw body (when a signature is sent and a secret is
+/// set), else a token allowed to reconcile.
+pub struct ReconcileAllowed(pub Caller);
+
+const SIGNATURE_HEADER: &str = "x-hub-signature-256";
+
+impl FromRequest<Arc<Directory>> for ReconcileAllowed {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, directory: &Arc<Directory>) -> Result<Self, ApiError> {
+        let signature = req.headers().get(SIGNATURE_HEADER).cloned();
+        match signature {
+            Some(signature) if directory.auth.has_webhook_secret() => {
+                let body = Bytes::from_request(req, directory).await.map_err(|e| match e.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(MAX_WEBHOOK_BODY),
+                    _ => ApiError::BadRequest(format!("cannot read the request body: {}", e.body_text())),
+                })?;
+                Ok(ReconcileAllowed(directory.auth.verify_webhook(signature.as_bytes(), &body)?))
+            }
+            _ => {
+                let (parts, _) = req.into_parts();
+                let caller = authenticate(&parts, directory).map_err(|e| match e {
+                    ApiError::Unauthorized(m) if directory.auth.has_webhook_secret() => {
+                        ApiError::Unauthorized(format!("{m}, or sign the body (X-Hub-Signature-256)"))
+                    }
+                    other => other,
+                })?;
+                caller.check(Action::Reconcile)?;
+                Ok(ReconcileAllowed(caller))
+            }
+        }
+    }
+}
+
 /// Counts every refusal in one place, whichever extractor or handler made it.
 async fn count_refusals(State(directory): State<Arc<Directory>>, req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let resp = next.run(req).await;
-    if resp.status().is_client_error() {
+    let status = resp.status();
+    if status.is_client_error() {
         directory.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(status = %resp.status(), "refused a request");
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            directory.metrics.auth_refusals.fetch_add(1, Ordering::Relaxed);
+            // Who was refused shows in the caller's own error; here, which
+            // endpoint was tried, for an operator watching for intruders.
+            tracing::info!(%status, %method, %path, "refused by auth");
+        } else {
+            tracing::debug!(%status, "refused a request");
+        }
     }
     resp
 }
@@ -139,7 +272,7 @@ pub fn app(directory: Arc<Directory>) -> Router {
         .route("/v1/instances/{id}", put(put_instance).delete(delete_instance))
         .route("/v1/snapshot", get(get_snapshot))
         .route("/v1/status", get(get_status))
-        .route("/v1/reconcile", axum::routing::post(post_reconcile))
+        .route("/v1/reconcile", axum::routing::post(post_reconcile).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::NotFound("no such endpoint; see /v1/status, /v1/snapshot, /v1/instances/{id}".into())
@@ -151,6 +284,7 @@ pub fn app(directory: Arc<Directory>) -> Router {
 
 async fn put_instance(
     State(directory): State<Arc<Directory>>,
+    Allowed(caller, _): Allowed<WriteAccess>,
     PathId(id): PathId,
     JsonBody(heartbeat): JsonBody<Heartbeat>,
 ) -> Result<Json<WriteAck>, ApiError> {
@@ -161,19 +295,55 @@ async fn put_instance(
             heartbeat.ttl_ms
         )));
     }
-    Ok(Json(directory.heartbeat(id, heartbeat)))
+    caller.check(Action::Register(&heartbeat.service))?;
+    if !directory.is_refresh(&id, &heartbeat) {
+        check_destination(&directory.config.allow_networks, &heartbeat.url).await?;
+    }
+    // The id may already be held by an instance of another service.
+    let ack =
+        directory.heartbeat_if(id, heartbeat, |held| caller.check(Action::Register(held)).map_err(ApiError::from))?;
+    Ok(Json(ack))
 }
 
-async fn delete_instance(State(directory): State<Arc<Directory>>, PathId(id): PathId) -> Json<WriteAck> {
-    Json(directory.deregister(&id))
+/// Where a new instance may point (`--allow-network`). An IP address is
+/// checked as it is; a DNS name is resolved and every address checked when
+/// networks are listed (without a list, names are left to each sherlock's
+/// resolver, and only literal addresses of the forbidden kinds are refused).
+async fn check_destination(allowed: &[Network], url: &InstanceUrl) -> Result<(), ApiError> {
+    let refuse = |why: String| ApiError::BadRequest(format!("instance URL {url}: {why}"));
+    let addrs: Vec<IpAddr> = match url.host().parse::<IpAddr>() {
+        Ok(addr) => vec![addr],
+        Err(_) if allowed.is_empty() => return Ok(()),
+        Err(_) => {
+            let lookup = tokio::net::lookup_host((url.host(), url.port()));
+            match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+                Ok(Ok(found)) => found.map(|a| a.ip()).collect(),
+                Ok(Err(e)) => return Err(refuse(format!("cannot resolve {}: {e}", url.host()))),
+                Err(_) => return Err(refuse(format!("resolving {} took over 2s", url.host()))),
+            }
+        }
+    };
+    if addrs.is_empty() {
+        return Err(refuse(format!("{} resolves to no address", url.host())));
+    }
+    addrs.into_iter().try_for_each(|addr| check_address(addr, allowed)).map_err(refuse)
 }
 
-async fn list_instances(State(directory): State<Arc<Directory>>) -> Json<Vec<InstanceStatus>> {
+async fn delete_instance(
+    State(directory): State<Arc<Directory>>,
+    Allowed(caller, _): Allowed<WriteAccess>,
+    PathId(id): PathId,
+) -> Result<Json<WriteAck>, ApiError> {
+    Ok(Json(directory.deregister_if(&id, |held| caller.check(Action::Register(held)))?))
+}
+
+async fn list_instances(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> Json<Vec<InstanceStatus>> {
     Json(directory.instances())
 }
 
 async fn get_snapshot(
     State(directory): State<Arc<Directory>>,
+    Allowed(caller, _): Allowed<SubscribeAccess>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     QueryForm(query): QueryForm<SnapshotQuery>,
 ) -> Result<Json<Arc<Snapshot>>, ApiError> {
@@ -183,7 +353,8 @@ async fn get_snapshot(
             .map_err(|e| ApiError::BadRequest(format!("invalid wait {w:?}: {e}; expected a duration such as 30s")))?
             .min(MAX_WAIT),
     };
-    if let Some(name) = query.sherlock {
+    // A sherlock token's own name, whatever the query claims.
+    if let Some(name) = caller.sherlock_name(query.sherlock)? {
         let name = name.parse::<InstanceId>().map_err(|_| {
             ApiError::BadRequest(format!("invalid sherlock name {name:?}: 1 to 128 of A-Z a-z 0-9 . _ -"))
         })?;
@@ -192,6 +363,8 @@ async fn get_snapshot(
     }
 
     let held = SnapshotId { epoch: query.epoch, index: query.index };
+    // A slot among the waiting queries, held until this answer is sent.
+    let _slot = if wait.is_zero() { None } else { Some(directory.wait_slot()?) };
     let mut rx = directory.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -233,7 +406,11 @@ fn status(directory: &Directory) -> Status {
 }
 
 /// The webhook: fetch now, answer with the commit in force afterwards.
-async fn post_reconcile(State(directory): State<Arc<Directory>>) -> Result<Json<RoutesStatus>, ApiError> {
+async fn post_reconcile(
+    State(directory): State<Arc<Directory>>,
+    ReconcileAllowed(caller): ReconcileAllowed,
+) -> Result<Json<RoutesStatus>, ApiError> {
+    tracing::debug!(caller = %caller.label(), "reconcile requested");
     let Some(tx) = directory.reconcile_sender() else {
         return Err(ApiError::Conflict("this directory follows no routes repo (start it with --repo)".into()));
     };
@@ -247,11 +424,11 @@ async fn post_reconcile(State(directory): State<Arc<Directory>>) -> Result<Json<
     }
 }
 
-async fn get_status(State(directory): State<Arc<Directory>>) -> Json<Status> {
+async fn get_status(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> Json<Status> {
     Json(status(&directory))
 }
 
-async fn index_page(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
+async fn index_page(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> impl IntoResponse {
     let s = status(&directory);
     let mut page = format!("dstack directory {} (snapshot {}, up {}s)\n\n", s.name, s.index, s.uptime_s);
     for i in &s.instances {
@@ -263,7 +440,7 @@ async fn index_page(State(directory): State<Arc<Directory>>) -> impl IntoRespons
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], page)
 }
 
-async fn metrics(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
+async fn metrics(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> impl IntoResponse {
     let m = &directory.metrics;
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let mut out = Exposition::default();
@@ -276,6 +453,11 @@ async fn metrics(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
     out.counter("dstack_directory_expiries_total", "Instances expired for lack of heartbeats.", get(&m.expiries));
     out.counter("dstack_directory_snapshots_published_total", "Snapshots published.", get(&m.snapshots_published));
     out.counter("dstack_directory_bad_requests_total", "Requests refused with a 4xx.", get(&m.bad_requests));
+    out.counter(
+        "dstack_directory_auth_refusals_total",
+        "Requests refused for a missing or invalid token (401) or one outside its role (403).",
+        get(&m.auth_refusals),
+    );
     out.counter("dstack_directory_reconciles_total", "Reconciles of the routes repo.", get(&m.reconciles));
     out.counter(
         "dstack_directory_rejected_commits_total",
@@ -290,29 +472,62 @@ async fn metrics(State(directory): State<Arc<Directory>>) -> impl IntoResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::directory::auth::Auth;
+    use crate::directory::limits::Limits;
     use crate::directory::Config;
     use axum::body::Body;
     use axum::http::Request;
+    use std::path::Path;
     use tower::ServiceExt;
 
     /// An app with its publisher running (ended with the test's runtime).
     fn app_for_test() -> (Router, Arc<Directory>) {
+        app_with_auth(crate::directory::auth::Auth::off())
+    }
+
+    fn app_with_auth(auth: crate::directory::auth::Auth) -> (Router, Arc<Directory>) {
+        app_with(auth, vec![], Limits::default())
+    }
+
+    fn app_with(
+        auth: crate::directory::auth::Auth,
+        allow_networks: Vec<Network>,
+        limits: Limits,
+    ) -> (Router, Arc<Directory>) {
         let config = Config {
+            allow_networks,
+            limits,
             name: "test".into(),
             address: None,
             listen: "127.0.0.1:0".parse().unwrap(),
             state_dir: std::env::temp_dir(),
             repo: None,
             max_ttl: Duration::from_secs(10),
+            auth: crate::directory::AuthMode::Off { insecure: false },
+            webhook_secret_file: None,
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let (directory, _) = Directory::new(config, shutdown.clone());
+        let (directory, _) = Directory::new_with_auth(config, auth, shutdown.clone());
         tokio::spawn(crate::directory::publish_loop(directory.clone(), shutdown));
         (app(directory.clone()), directory)
     }
 
     async fn call(app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, serde_json::Value) {
-        let mut req = Request::builder().method(method).uri(uri).body(Body::from(body.to_string())).unwrap();
+        call_with(app, method, uri, body, &[]).await
+    }
+
+    async fn call_with(
+        app: &Router,
+        method: &str,
+        uri: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let mut req = req.body(Body::from(body.to_string())).unwrap();
         req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 1))));
         let resp = app.clone().oneshot(req).await.unwrap();
         let status = resp.status();
@@ -471,6 +686,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn instance_urls_point_only_where_allowed() {
+        let body = |url: &str| GOOD.replace("http://127.0.0.1:9001/emitter", url);
+        let (app, _) = app_for_test();
+        let (status, json) = call(&app, "PUT", "/v1/instances/m", &body("http://169.254.169.254/latest")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(
+            json["error"],
+            "instance URL http://169.254.169.254/latest: 169.254.169.254 is link-local (169.254.0.0/16); refused unless --allow-network lists it"
+        );
+        assert_eq!(call(&app, "PUT", "/v1/instances/n", &body("http://vm101/emitter")).await.0, StatusCode::OK);
+
+        let (app, _) = app_with(Auth::off(), vec!["127.0.0.0/8".parse().unwrap()], Limits::default());
+        assert_eq!(call(&app, "PUT", "/v1/instances/a", &body("http://127.0.0.2:80/e")).await.0, StatusCode::OK);
+        assert_eq!(call(&app, "PUT", "/v1/instances/b", &body("http://localhost:80/e")).await.0, StatusCode::OK);
+        let (status, json) = call(&app, "PUT", "/v1/instances/c", &body("http://10.0.0.1/e")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(json["error"].as_str().unwrap().contains("outside the allowed networks (--allow-network 127.0.0.0/8)"));
+        let (status, json) = call(&app, "PUT", "/v1/instances/d", &body("http://no-such-host.invalid/e")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(json["error"].as_str().unwrap().contains("no-such-host.invalid"), "{json}");
+    }
+
+    #[tokio::test]
+    async fn limits_are_429s_that_name_their_key() {
+        let limits = Limits { instances: 3, instances_per_service: 2, sherlocks: 2, waiting_queries: 1 };
+        let (app, directory) = app_with(Auth::off(), vec![], limits);
+        let put = |id: &'static str, service: &'static str, port: u16| {
+            let app = app.clone();
+            async move {
+                let body = GOOD.replace("emitter", service).replace("9001", &port.to_string());
+                call(&app, "PUT", &format!("/v1/instances/{id}"), &body).await
+            }
+        };
+        assert_eq!(put("a1", "a", 1).await.0, StatusCode::OK);
+        assert_eq!(put("a2", "a", 2).await.0, StatusCode::OK);
+        let (status, json) = put("a3", "a", 3).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(json["error"].as_str().unwrap().contains("limits.instances_per_service"), "{json}");
+        assert_eq!(put("a1", "a", 1).await.0, StatusCode::OK, "a refresh is no new instance");
+        let (status, ack) = put("b1", "b", 4).await;
+        assert_eq!(status, StatusCode::OK);
+        let last = ack["index"].as_u64().unwrap();
+        let (status, json) = put("b2", "b", 5).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(json["error"].as_str().unwrap().contains("limits.instances)"), "{json}");
+
+        // One waiting query at a time; an immediate query needs no place.
+        let epoch = directory.epoch();
+        let mut rx = directory.subscribe();
+        let index = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.index >= last))
+            .await
+            .unwrap()
+            .unwrap()
+            .index;
+        let waiter = tokio::spawn({
+            let app = app.clone();
+            async move { call(&app, "GET", &format!("/v1/snapshot?epoch={epoch}&index={index}&wait=2s"), "").await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (status, json) = call(&app, "GET", &format!("/v1/snapshot?epoch={epoch}&index={index}&wait=2s"), "").await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{json}");
+        assert!(json["error"].as_str().unwrap().contains("limits.waiting_queries"));
+        assert_eq!(call(&app, "GET", "/v1/snapshot", "").await.0, StatusCode::OK);
+        assert_eq!(waiter.await.unwrap().0, StatusCode::OK);
+        let (status, _) = call(&app, "GET", &format!("/v1/snapshot?epoch={epoch}&index={index}&wait=10ms"), "").await;
+        assert_eq!(status, StatusCode::OK, "the place was freed");
+
+        // Sherlocks beyond the limit push out the longest silent.
+        for name in ["s1", "s2", "s3"] {
+            call(&app, "GET", &format!("/v1/snapshot?sherlock={name}"), "").await;
+        }
+        let names: Vec<String> = directory.sherlocks().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["s2", "s3"]);
+    }
+
+    #[tokio::test]
     async fn blocking_query_wakes_on_change() {
         let (app, directory) = app_for_test();
         let epoch = directory.epoch();
@@ -480,7 +771,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
-        directory.heartbeat("e1".parse().unwrap(), serde_json::from_str(GOOD).unwrap());
+        directory.heartbeat("e1".parse().unwrap(), serde_json::from_str(GOOD).unwrap()).unwrap();
         let (_, snap) = tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap();
         assert_eq!(snap["index"], 2);
         // A query from another epoch (a restarted directory's old index)
@@ -492,5 +783,177 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(snap["epoch"].as_u64(), Some(epoch));
+    }
+
+    mod with_tokens {
+        use super::*;
+        use crate::directory::auth::{Auth, AuthTable};
+        use sha2::Digest as _;
+
+        fn digest(token: &str) -> String {
+            crate::secret::hex(&sha2::Sha256::digest(token.as_bytes()))
+        }
+
+        fn auth() -> Auth {
+            let yaml = format!(
+                "tokens:\n\
+                 \x20 - {{name: vm101, role: watson, services: [emitter], sha256: {}}}\n\
+                 \x20 - {{name: vm201, role: watson, services: [\"barker*\"], sha256: {}}}\n\
+                 \x20 - {{name: main, role: sherlock, client: monolith, sha256: {}}}\n\
+                 \x20 - {{name: ops, role: operator, sha256: {}}}\n\
+                 \x20 - {{name: grafana, role: read, sha256: {}}}\n",
+                digest("w-emitter"),
+                digest("w-barker"),
+                digest("s-main"),
+                digest("op"),
+                digest("rd"),
+            );
+            Auth::from_table(Path::new("auth.yaml"), AuthTable::parse(Path::new("auth.yaml"), &yaml).unwrap())
+        }
+
+        async fn as_(token: &str, app: &Router, method: &str, uri: &str, body: &str) -> (StatusCode, String) {
+            let bearer = format!("Bearer {token}");
+            let (status, json) = call_with(app, method, uri, body, &[("authorization", &bearer)]).await;
+            (status, json["error"].as_str().unwrap_or_default().to_string())
+        }
+
+        const BARKER: &str =
+            r#"{"service":"barker","version":"v1","url":"http://127.0.0.1:9002/barker","ttl_ms":3000}"#;
+
+        #[tokio::test]
+        async fn every_endpoint_needs_a_token_and_every_refusal_is_json_and_counted() {
+            let (app, directory) = app_with_auth(auth());
+            let endpoints = [
+                ("GET", "/"),
+                ("GET", "/v1/status"),
+                ("GET", "/v1/instances"),
+                ("GET", "/metrics"),
+                ("GET", "/v1/snapshot?epoch=0&index=0"),
+                ("POST", "/v1/reconcile"),
+                ("PUT", "/v1/instances/e1"),
+                ("DELETE", "/v1/instances/e1"),
+            ];
+            for (method, uri) in endpoints {
+                let mut req = Request::builder().method(method).uri(uri).body(Body::from(GOOD)).unwrap();
+                req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 1))));
+                let resp = app.clone().oneshot(req).await.unwrap();
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{method} {uri}");
+                assert_eq!(resp.headers()[header::WWW_AUTHENTICATE], "Bearer");
+                let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+                let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                assert!(json["error"].as_str().unwrap().contains("requires a token"), "{json}");
+                let (status, error) = as_("not-a-token", &app, method, uri, GOOD).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri}");
+                assert!(error.contains("not valid") && !error.contains("not-a-token"), "{error}");
+            }
+            let refused = 2 * endpoints.len() as u64;
+            assert_eq!(directory.metrics.bad_requests.load(Ordering::Relaxed), refused);
+            assert_eq!(directory.metrics.auth_refusals.load(Ordering::Relaxed), refused);
+            assert_eq!(directory.instance_count(), 0);
+        }
+
+        #[tokio::test]
+        async fn a_watson_touches_its_own_services_only() {
+            let (app, directory) = app_with_auth(auth());
+            assert_eq!(as_("w-emitter", &app, "PUT", "/v1/instances/e1", GOOD).await.0, StatusCode::OK);
+            let (status, error) = as_("w-emitter", &app, "PUT", "/v1/instances/b1", BARKER).await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert_eq!(
+                error,
+                "token \"vm101\" may not register or deregister instances of service \"barker\": \
+                 its services are emitter"
+            );
+            assert_eq!(as_("w-barker", &app, "PUT", "/v1/instances/b1", BARKER).await.0, StatusCode::OK);
+            // Neither by the id of another service's instance: not a heartbeat
+            // that would move it, nor a deregistration.
+            let (status, error) = as_("w-emitter", &app, "PUT", "/v1/instances/b1", GOOD).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{error}");
+            assert!(error.contains("\"barker\""), "{error}");
+            let (status, error) = as_("w-emitter", &app, "DELETE", "/v1/instances/b1", "").await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{error}");
+            assert_eq!(directory.instance_count(), 2);
+            let instances = directory.instances();
+            assert_eq!(instances.iter().find(|i| i.id.as_str() == "b1").unwrap().service.as_str(), "barker");
+            // Nor read the directory's state.
+            let (status, error) = as_("w-emitter", &app, "GET", "/v1/status", "").await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert!(error.contains("has role watson") && error.contains("needs role operator or read"), "{error}");
+            let (status, body) = as_("w-emitter", &app, "DELETE", "/v1/instances/e1", "").await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(directory.instance_count(), 1);
+        }
+
+        #[tokio::test]
+        async fn roles_read_subscribe_and_reconcile() {
+            let (app, directory) = app_with_auth(auth());
+            let epoch = directory.epoch();
+            let snapshot = format!("/v1/snapshot?epoch={epoch}&index=0&sherlock=fake&applied_epoch={epoch}&applied=1");
+            // The sherlock is listed under its token's name, not the query's.
+            assert_eq!(as_("s-main", &app, "GET", &snapshot, "").await.0, StatusCode::OK);
+            let names: Vec<String> = directory.sherlocks().into_iter().map(|s| s.name).collect();
+            assert_eq!(names, ["main"]);
+            for (token, uri) in [("s-main", "/v1/status"), ("s-main", "/v1/instances"), ("s-main", "/metrics")] {
+                let (status, error) = as_(token, &app, "GET", uri, "").await;
+                assert_eq!(status, StatusCode::FORBIDDEN, "{token} {uri}: {error}");
+            }
+            for uri in ["/", "/v1/status", "/v1/instances", "/metrics", "/v1/snapshot"] {
+                assert_eq!(as_("rd", &app, "GET", uri, "").await.0, StatusCode::OK, "{uri}");
+                assert_eq!(as_("op", &app, "GET", uri, "").await.0, StatusCode::OK, "{uri}");
+            }
+            // Operators and readers may read snapshots but not report as a sherlock.
+            for token in ["op", "rd"] {
+                let (status, error) = as_(token, &app, "GET", &snapshot, "").await;
+                assert_eq!(status, StatusCode::FORBIDDEN);
+                assert!(error.contains("report as a sherlock") && error.contains("needs role sherlock"), "{error}");
+            }
+            assert_eq!(directory.sherlocks().len(), 1);
+            let (status, error) = as_("rd", &app, "POST", "/v1/reconcile", "").await;
+            assert_eq!(status, StatusCode::FORBIDDEN);
+            assert!(error.ends_with("needs role operator"), "{error}");
+            // Past auth: this directory has no repo.
+            assert_eq!(as_("op", &app, "POST", "/v1/reconcile", "").await.0, StatusCode::CONFLICT);
+            let (status, _) = as_("op", &app, "PUT", "/v1/instances/e1", GOOD).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "an operator registers nothing");
+        }
+
+        #[tokio::test]
+        async fn a_signed_webhook_may_reconcile() {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("webhook");
+            std::fs::write(&path, "hook-secret\n").unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            let (app, _) = app_with_auth(auth().with_webhook_secret(&path).unwrap());
+            // A push event can be far larger than a heartbeat.
+            let body = format!(r#"{{"ref":"refs/heads/main","pad":"{}"}}"#, "x".repeat(200 * 1024));
+            let sign = |body: &str| {
+                use hmac::Mac as _;
+                let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"hook-secret").unwrap();
+                mac.update(body.as_bytes());
+                format!("sha256={}", crate::secret::hex(&mac.finalize().into_bytes()))
+            };
+            let good = sign(&body);
+            let hook = |sig: &str| [("x-hub-signature-256", sig.to_string())];
+            let call_hook = |sig: String, body: String| {
+                let app = app.clone();
+                async move {
+                    let headers = hook(&sig);
+                    let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    call_with(&app, "POST", "/v1/reconcile", &body, &h).await
+                }
+            };
+            // Past auth: this directory has no repo.
+            assert_eq!(call_hook(good.clone(), body.clone()).await.0, StatusCode::CONFLICT);
+            let (status, json) = call_hook(good.clone(), body.replace("main", "evil")).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert!(json["error"].as_str().unwrap().contains("does not match"), "{json}");
+            let (status, json) = call_hook("sha256=zz".into(), body.clone()).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert!(json["error"].as_str().unwrap().contains("malformed"), "{json}");
+            let (status, json) = call(&app, "POST", "/v1/reconcile", &body).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+            assert!(json["error"].as_str().unwrap().contains("or sign the body"), "{json}");
+            let huge = "x".repeat(MAX_WEBHOOK_BODY + 1);
+            assert_eq!(call_hook(sign(&huge), huge).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+        }
     }
 }

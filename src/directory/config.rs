@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::limits::{Limits, Network};
 use crate::config_file::{self, FileError, Seconds};
+use crate::gitsync::RepoUrl;
 use crate::model::DirectoryAddr;
 
-/// The listen address when neither a flag nor the file gives one.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:7575";
+/// The listen address when neither a flag nor the file gives one: loopback,
+/// so a directory reachable from the network is always a choice.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7575";
 const DEFAULT_BRANCH: &str = "main";
 const DEFAULT_ROUTES_DIR: &str = "routes";
 const DEFAULT_POLL: Duration = Duration::from_secs(15);
@@ -30,7 +33,8 @@ pub struct Args {
     /// The address it is known by, e.g. //services/directory; shown in status.
     #[arg(short = 'a', long)]
     pub address: Option<String>,
-    /// Where the HTTP API listens [default: 0.0.0.0:7575].
+    /// Where the HTTP API listens; on an address other than loopback every
+    /// request needs a token [default: 127.0.0.1:7575].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Where the directory keeps its state (the routes mirror); made 0700,
@@ -56,6 +60,24 @@ pub struct Args {
     /// snapshots `warming` for this long [default: 10s].
     #[arg(long, value_parser = config_file::parse_duration)]
     pub max_ttl: Option<Duration>,
+    /// The tokens and their roles (YAML, SHA-256 digests only); reloaded
+    /// on SIGHUP. Without it, a directory on a network address makes a
+    /// cluster token in STATE_DIR/token.
+    #[arg(long)]
+    pub auth_file: Option<PathBuf>,
+    /// Turns tokens off on a network address: anyone who reaches the port
+    /// may register, deregister and read everything.
+    #[arg(long)]
+    pub insecure: bool,
+    /// A file whose secret signs webhooks (GitHub's X-Hub-Signature-256)
+    /// to POST /v1/reconcile, instead of an operator token.
+    #[arg(long)]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// A network instance URLs may point into, e.g. 10.0.0.0/8 (repeat for
+    /// several). Without it, any address but link-local, multicast and
+    /// unspecified ones; those only when a listed network holds them.
+    #[arg(long = "allow-network", value_parser = clap::value_parser!(Network))]
+    pub allow_networks: Vec<Network>,
     /// A YAML file with any of the settings above (flags win).
     #[arg(short = 'c', long)]
     pub config: Option<PathBuf>,
@@ -74,13 +96,19 @@ pub struct FileConfig {
     pub routes_dir: Option<String>,
     pub poll: Option<Seconds>,
     pub max_ttl: Option<Seconds>,
+    pub auth_file: Option<PathBuf>,
+    pub insecure: Option<bool>,
+    pub webhook_secret_file: Option<PathBuf>,
+    pub allow_networks: Option<Vec<Network>>,
+    /// Bounds on what clients may make the directory hold.
+    pub limits: Option<Limits>,
 }
 
 /// Where the desired state comes from.
 #[derive(Debug, Clone)]
 pub struct RepoConfig {
-    /// A URL git understands, or a local path.
-    pub url: String,
+    /// A URL git understands, or a local path; it shows without credentials.
+    pub url: RepoUrl,
     /// A valid git branch name.
     pub branch: String,
     /// The folder of routes files inside the repo, without slashes at
@@ -88,6 +116,19 @@ pub struct RepoConfig {
     pub routes_dir: String,
     /// How often to fetch when nothing else asks.
     pub poll: Duration,
+}
+
+/// Who must show a token, decided from `--auth-file`, `--insecure` and
+/// whether the listen address is loopback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Tokens and roles from this auth file.
+    File(PathBuf),
+    /// A network address with no auth file: one token, made on first
+    /// start in `STATE_DIR/token`, that every client shows.
+    ClusterToken,
+    /// No tokens: loopback alone (`insecure: false`), or `--insecure`.
+    Off { insecure: bool },
 }
 
 /// Validated settings of one directory.
@@ -106,6 +147,14 @@ pub struct Config {
     /// The largest TTL a heartbeat may ask for; also how long a fresh
     /// directory marks its snapshots `warming`.
     pub max_ttl: Duration,
+    /// Who must show a token.
+    pub auth: AuthMode,
+    /// The secret that signs webhooks, if any.
+    pub webhook_secret_file: Option<PathBuf>,
+    /// The networks instance URLs may point into; empty: any ordinary address.
+    pub allow_networks: Vec<Network>,
+    /// Bounds on the registry, remembered sherlocks and waiting queries.
+    pub limits: Limits,
 }
 
 /// A setting that was refused; the message names the flag or file key.
@@ -153,13 +202,39 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
     }
     let routes_dir = args.routes_dir.or(file.routes_dir).unwrap_or_else(|| DEFAULT_ROUTES_DIR.to_string());
     let routes_dir = check_routes_dir(&routes_dir)?;
-    let repo = args.repo.or(file.repo).map(|url| RepoConfig { url, branch, routes_dir, poll });
-    if let Some(repo) = &repo {
-        if repo.url.is_empty() || repo.url.contains(char::is_control) {
-            return Err(invalid(format!("--repo {:?}: not a git URL or path", repo.url)));
+    let repo = match args.repo.or(file.repo) {
+        Some(url) if url.is_empty() || url.contains(char::is_control) => {
+            return Err(invalid(format!("--repo {}: not a git URL or path", RepoUrl::new(&url))));
         }
+        Some(url) => Some(RepoConfig { url: RepoUrl::new(&url), branch, routes_dir, poll }),
+        None => None,
+    };
+    let insecure = args.insecure || file.insecure.unwrap_or(false);
+    let auth = match (args.auth_file.or(file.auth_file), insecure) {
+        (Some(path), true) => {
+            return Err(invalid(format!(
+                "--insecure turns tokens off, but --auth-file {} gives tokens: drop one of them",
+                path.display()
+            )))
+        }
+        (Some(path), false) => AuthMode::File(path),
+        (None, false) if !listen.ip().is_loopback() => AuthMode::ClusterToken,
+        (None, insecure) => AuthMode::Off { insecure },
+    };
+    let webhook_secret_file = args.webhook_secret_file.or(file.webhook_secret_file);
+    let allow_networks =
+        if args.allow_networks.is_empty() { file.allow_networks.unwrap_or_default() } else { args.allow_networks };
+    let limits = file.limits.unwrap_or_default();
+    let zero = [
+        ("instances", limits.instances),
+        ("instances_per_service", limits.instances_per_service),
+        ("sherlocks", limits.sherlocks),
+        ("waiting_queries", limits.waiting_queries),
+    ];
+    if let Some((key, _)) = zero.iter().find(|(_, n)| *n == 0) {
+        return Err(invalid(format!("limits.{key}: 0 would refuse everything; give at least 1")));
     }
-    Ok(Config { name, address, listen, state_dir, repo, max_ttl })
+    Ok(Config { name, address, listen, state_dir, repo, max_ttl, auth, webhook_secret_file, allow_networks, limits })
 }
 
 /// What the default state dir depends on; a parameter so tests give their own.
@@ -246,7 +321,8 @@ mod tests {
     fn defaults() {
         let c = resolve(args(&[]), None).unwrap();
         assert_eq!(c.name, "services");
-        assert_eq!(c.listen, "0.0.0.0:7575".parse().unwrap());
+        assert_eq!(c.listen, "127.0.0.1:7575".parse().unwrap());
+        assert_eq!(c.auth, AuthMode::Off { insecure: false }, "loopback alone needs no token (make demo)");
         assert_eq!(c.max_ttl, Duration::from_secs(10));
         assert!(c.repo.is_none());
         assert_eq!(c.state_dir, default_state_dir(&StateEnv::current(), 7575));
@@ -280,7 +356,7 @@ mod tests {
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.max_ttl, Duration::from_secs(30));
         let repo = c.repo.unwrap();
-        assert_eq!((repo.url.as_str(), repo.branch.as_str(), repo.poll), ("/srv/r", "prod", Duration::from_secs(2)));
+        assert_eq!((repo.url.expose(), repo.branch.as_str(), repo.poll), ("/srv/r", "prod", Duration::from_secs(2)));
         let c = resolve(
             args(&["-n", "west", "--listen", "127.0.0.1:9100", "--branch", "main", "--poll", "1s", "--max-ttl", "5s"]),
             Some(f()),
@@ -290,7 +366,33 @@ mod tests {
         assert_eq!(c.listen.port(), 9100);
         assert_eq!(c.max_ttl, Duration::from_secs(5));
         let repo = c.repo.unwrap();
-        assert_eq!((repo.url.as_str(), repo.branch.as_str(), repo.poll), ("/srv/r", "main", Duration::from_secs(1)));
+        assert_eq!((repo.url.expose(), repo.branch.as_str(), repo.poll), ("/srv/r", "main", Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_network_address_needs_tokens_unless_told_otherwise() {
+        let auth = |flags: &[&str], yaml: Option<&str>| resolve(args(flags), yaml.map(file)).map(|c| c.auth);
+        assert_eq!(auth(&["--listen", "0.0.0.0:7575"], None).unwrap(), AuthMode::ClusterToken);
+        assert_eq!(auth(&["--listen", "10.0.0.5:7575"], None).unwrap(), AuthMode::ClusterToken);
+        assert_eq!(auth(&["--listen", "[::]:7575"], None).unwrap(), AuthMode::ClusterToken);
+        assert_eq!(auth(&["--listen", "127.0.0.2:7575"], None).unwrap(), AuthMode::Off { insecure: false });
+        assert_eq!(auth(&["--listen", "[::1]:7575"], None).unwrap(), AuthMode::Off { insecure: false });
+        assert_eq!(auth(&["--listen", "0.0.0.0:7575", "--insecure"], None).unwrap(), AuthMode::Off { insecure: true });
+        assert_eq!(
+            auth(&["--listen", "0.0.0.0:7575"], Some("insecure: true\n")).unwrap(),
+            AuthMode::Off { insecure: true }
+        );
+        // An auth file applies on loopback too; the flag beats the file.
+        assert_eq!(auth(&["--auth-file", "/a.yaml"], None).unwrap(), AuthMode::File("/a.yaml".into()));
+        assert_eq!(
+            auth(&["--auth-file", "/a.yaml"], Some("auth_file: /b.yaml\n")).unwrap(),
+            AuthMode::File("/a.yaml".into())
+        );
+        assert_eq!(auth(&[], Some("auth_file: /b.yaml\n")).unwrap(), AuthMode::File("/b.yaml".into()));
+        let err = auth(&["--auth-file", "/a.yaml", "--insecure"], None).unwrap_err().to_string();
+        assert!(err.contains("--insecure turns tokens off, but --auth-file /a.yaml gives tokens"), "{err}");
+        let c = resolve(args(&["--webhook-secret-file", "/s"]), Some(file("webhook_secret_file: /t\n"))).unwrap();
+        assert_eq!(c.webhook_secret_file, Some("/s".into()));
     }
 
     #[test]
@@ -308,6 +410,27 @@ mod tests {
             assert!(err.contains(want), "{flags:?}: {err}");
         }
         assert!(resolve(args(&["--routes-dir", "deploy/routes/"]), None).is_ok());
+    }
+
+    #[test]
+    fn networks_and_limits() {
+        let c = resolve(args(&[]), None).unwrap();
+        assert!(c.allow_networks.is_empty());
+        assert_eq!(c.limits, Limits::default());
+        let f = || file("allow_networks: [10.0.0.0/8]\nlimits:\n  instances: 50\n  waiting_queries: 7\n");
+        let c = resolve(args(&[]), Some(f())).unwrap();
+        assert_eq!(c.allow_networks, vec!["10.0.0.0/8".parse::<Network>().unwrap()]);
+        assert_eq!((c.limits.instances, c.limits.waiting_queries), (50, 7));
+        assert_eq!(c.limits.sherlocks, Limits::default().sherlocks, "unset keys keep their defaults");
+        let c = resolve(args(&["--allow-network", "127.0.0.0/8", "--allow-network", "fd00::/8"]), Some(f())).unwrap();
+        assert_eq!(c.allow_networks.len(), 2, "the flags replace the file's list");
+        let err = resolve(args(&[]), Some(file("limits: {sherlocks: 0}\n"))).unwrap_err().to_string();
+        assert!(err.contains("limits.sherlocks: 0 would refuse everything"), "{err}");
+        let err = config_file::parse::<FileConfig>(Path::new("d.yaml"), "limits: {instance: 5}\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `instance`"), "{err}");
+        use clap::Parser as _;
+        let err = Args::try_parse_from(["directory", "--allow-network", "10.1.2.3/8"]).unwrap_err().to_string();
+        assert!(err.contains("expected an address with a prefix length"), "{err}");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! snapshots that sherlocks follow with blocking queries.
 
 pub mod api;
+pub mod auth;
 pub mod config;
+pub mod limits;
 pub mod merge;
 pub mod publisher;
 pub mod reconcile;
@@ -10,24 +12,31 @@ pub mod registry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, RepoConfig};
+pub use config::{AuthMode, Config, RepoConfig};
 
-use crate::model::{Heartbeat, InstanceId, Snapshot, SnapshotId};
+use crate::model::{Heartbeat, InstanceId, ServiceName, Snapshot, SnapshotId};
 use crate::protocol::{InstanceStatus, Rejected, RoutesStatus, SherlockStatus, WriteAck};
 use crate::routes::RouteSet;
+use auth::Auth;
 use publisher::Schedule;
 use reconcile::Trigger;
 use registry::{Change, Registry};
 
 /// How long a silent sherlock stays listed in `/v1/status`.
 const SHERLOCK_FORGET: Duration = Duration::from_secs(600);
+
+/// A write refused because a limit is reached (a 429); the message names
+/// the limit's key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Full(pub String);
 
 /// What the directory knows of a sherlock that follows it.
 #[derive(Debug, Clone)]
@@ -50,6 +59,9 @@ pub struct Metrics {
     pub bad_requests: AtomicU64,
     pub reconciles: AtomicU64,
     pub rejected_commits: AtomicU64,
+    /// Refusals for a missing or wrong token (401) or role (403); also
+    /// counted in `bad_requests`.
+    pub auth_refusals: AtomicU64,
 }
 
 /// Mutable state, behind one std `Mutex`: every critical section is short
@@ -78,18 +90,40 @@ pub struct Directory {
     inner: Mutex<Inner>,
     snapshots: watch::Sender<Arc<Snapshot>>,
     pub metrics: Metrics,
+    /// Who may do what: tokens, roles, the webhook secret.
+    pub auth: Auth,
     /// Cancelled at shutdown so that blocking queries return at once.
     shutdown: CancellationToken,
     /// Wakes the reconciler (webhook, file watch); None without a repo.
     reconcile_tx: Option<mpsc::Sender<Trigger>>,
     /// Wakes the publisher: a change is pending.
     wake: Notify,
+    /// Blocking queries waiting now (bounded by `limits.waiting_queries`).
+    waiting: Arc<AtomicUsize>,
+}
+
+/// A waiting query's place; dropping it frees the place.
+pub struct WaitSlot(Arc<AtomicUsize>);
+
+impl Drop for WaitSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Directory {
     /// A directory, and the receiving end of its reconcile triggers when it
     /// has a repo (for `reconcile::run`).
     pub fn new(config: Config, shutdown: CancellationToken) -> (Arc<Directory>, Option<mpsc::Receiver<Trigger>>) {
+        Self::new_with_auth(config, Auth::off(), shutdown)
+    }
+
+    /// A directory whose callers must satisfy `auth`.
+    pub fn new_with_auth(
+        config: Config,
+        auth: Auth,
+        shutdown: CancellationToken,
+    ) -> (Arc<Directory>, Option<mpsc::Receiver<Trigger>>) {
         let started_at = SystemTime::now();
         // Microseconds since 1970: larger on every restart, and exact in JSON.
         let epoch = started_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(1);
@@ -106,7 +140,7 @@ impl Directory {
         let routes_status = config
             .repo
             .as_ref()
-            .map(|r| RoutesStatus { repo: r.url.clone(), branch: r.branch.clone(), ..RoutesStatus::default() })
+            .map(|r| RoutesStatus { repo: r.url.to_string(), branch: r.branch.clone(), ..RoutesStatus::default() })
             .unwrap_or_default();
         let schedule =
             Schedule { warming_until: warming.then(|| Instant::now() + config.max_ttl), ..Schedule::default() };
@@ -117,9 +151,11 @@ impl Directory {
             inner: Mutex::new(Inner { routes_status, schedule, ..Inner::default() }),
             snapshots: watch::Sender::new(Arc::new(first)),
             metrics: Metrics::default(),
+            auth,
             shutdown,
             reconcile_tx: tx,
             wake: Notify::new(),
+            waiting: Arc::new(AtomicUsize::new(0)),
         });
         (directory, rx)
     }
@@ -134,6 +170,31 @@ impl Directory {
 
     pub fn uptime(&self) -> Duration {
         self.started_at.elapsed().unwrap_or_default()
+    }
+
+    /// A place for one more waiting blocking query, or a refusal naming
+    /// the limit.
+    pub fn wait_slot(&self) -> Result<WaitSlot, Full> {
+        let limit = self.config.limits.waiting_queries;
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= limit {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(Full(format!(
+                "{limit} blocking queries are waiting already (limits.waiting_queries); retry later"
+            )));
+        }
+        Ok(WaitSlot(self.waiting.clone()))
+    }
+
+    /// Whether a heartbeat only refreshes an instance as it is registered
+    /// (same service, version and URL): such a heartbeat needs no checks of
+    /// where it points.
+    pub fn is_refresh(&self, id: &InstanceId, heartbeat: &Heartbeat) -> bool {
+        let inner = self.inner.lock().unwrap();
+        inner.registry.get(id).is_some_and(|e| {
+            e.heartbeat.service == heartbeat.service
+                && e.heartbeat.version == heartbeat.version
+                && e.heartbeat.url == heartbeat.url
+        })
     }
 
     /// Marks a change for the publisher and wakes it.
@@ -204,29 +265,76 @@ impl Directory {
         self.snapshots.subscribe()
     }
 
-    pub fn heartbeat(&self, id: InstanceId, heartbeat: Heartbeat) -> WriteAck {
-        self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+    pub fn heartbeat(&self, id: InstanceId, heartbeat: Heartbeat) -> Result<WriteAck, Full> {
+        self.heartbeat_if(id, heartbeat, |_| Ok::<(), Full>(()))
+    }
+
+    /// A heartbeat from a caller who may touch some services only: refused
+    /// by `may` when the id is registered for another service (so a token
+    /// for `emitter` cannot take over a `barker` instance by its id).
+    /// Checked under the registry's lock, so no write slips in between.
+    pub fn heartbeat_if<E: From<Full>>(
+        &self,
+        id: InstanceId,
+        heartbeat: Heartbeat,
+        may: impl Fn(&ServiceName) -> Result<(), E>,
+    ) -> Result<WriteAck, E> {
         let now = Instant::now();
         let expires = now + Duration::from_millis(heartbeat.ttl_ms);
         let mut inner = self.inner.lock().unwrap();
+        let held = inner.registry.get(&id).map(|e| e.heartbeat.service.clone());
+        if let Some(held) = &held {
+            may(held)?;
+        }
+        // A new instance, or one moving to another service, must fit.
+        if held.as_ref() != Some(&heartbeat.service) {
+            let limits = &self.config.limits;
+            if held.is_none() && inner.registry.len() >= limits.instances {
+                return Err(Full(format!(
+                    "the directory holds {} instances, its limit (limits.instances); none is added until one leaves",
+                    limits.instances
+                ))
+                .into());
+            }
+            if inner.registry.count_of(&heartbeat.service) >= limits.instances_per_service {
+                return Err(Full(format!(
+                    "{} has {} instances, the limit for one service (limits.instances_per_service)",
+                    heartbeat.service, limits.instances_per_service
+                ))
+                .into());
+            }
+        }
+        self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
         if inner.registry.heartbeat(id.clone(), heartbeat, now) == Change::Membership {
             tracing::info!(instance = %id, "registered");
             inner.schedule.expiry_at_most(expires);
             self.changed(&mut inner);
         }
-        self.ack(&inner, None)
+        Ok(self.ack(&inner, None))
     }
 
     /// Deregisters an instance; the answer says whether it was registered.
     pub fn deregister(&self, id: &InstanceId) -> WriteAck {
+        self.deregister_if(id, |_| Ok::<(), ()>(())).expect("nothing refuses")
+    }
+
+    /// Deregisters an instance if `may` allows its service.
+    pub fn deregister_if<E>(
+        &self,
+        id: &InstanceId,
+        may: impl Fn(&ServiceName) -> Result<(), E>,
+    ) -> Result<WriteAck, E> {
         let mut inner = self.inner.lock().unwrap();
+        if let Some(held) = inner.registry.get(id) {
+            may(&held.heartbeat.service)?;
+        }
         let removed = inner.registry.remove(id);
         if removed {
             self.metrics.deregistrations.fetch_add(1, Ordering::Relaxed);
             tracing::info!(instance = %id, "deregistered");
             self.changed(&mut inner);
         }
-        self.ack(&inner, Some(removed))
+        Ok(self.ack(&inner, Some(removed)))
     }
 
     /// The publisher's one pass at `now`: expire instances, end warming,
@@ -286,6 +394,13 @@ impl Directory {
     /// Records that a sherlock asked for a snapshot, having applied `applied`.
     pub fn saw_sherlock(&self, name: String, applied: SnapshotId, peer: SocketAddr) {
         let mut inner = self.inner.lock().unwrap();
+        // At the limit, the longest silent sherlock is forgotten for a new one.
+        if inner.sherlocks.len() >= self.config.limits.sherlocks && !inner.sherlocks.contains_key(&name) {
+            let oldest = inner.sherlocks.iter().min_by_key(|(_, s)| s.last_seen).map(|(n, _)| n.clone());
+            if let Some(oldest) = oldest {
+                inner.sherlocks.remove(&oldest);
+            }
+        }
         inner.sherlocks.insert(name, SherlockSeen { applied, peer: peer.to_string(), last_seen: Instant::now() });
     }
 
@@ -355,12 +470,17 @@ pub(crate) async fn publish_loop(directory: Arc<Directory>, shutdown: Cancellati
 /// Runs a directory until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     use anyhow::Context;
-    // The routes mirror decides what traffic does: no one else may write it.
+    // The routes mirror (and the cluster token) decide what traffic does:
+    // no one else may write them.
     crate::private_dir::ensure(&config.state_dir, "--state-dir")?;
+    let auth = setup_auth(&config)?;
+    // Installed before serving: SIGHUP's default action would end the process.
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding --listen {}", config.listen))?;
-    let (directory, triggers) = Directory::new(config, shutdown.clone());
+    let (directory, triggers) = Directory::new_with_auth(config, auth, shutdown.clone());
     let reconciler = match (directory.config.repo.clone(), triggers) {
         (Some(repo), Some(triggers)) => {
             let mirror = directory.config.state_dir.join("routes.git");
@@ -372,6 +492,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!(addr = %listener.local_addr()?, name = %directory.config.name, "directory listening");
 
     let publisher = tokio::spawn(publish_loop(directory.clone(), shutdown.clone()));
+    let reloader = tokio::spawn({
+        let (directory, shutdown) = (directory.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    got = hangups.recv() => if got.is_none() { return },
+                }
+                match directory.auth.reload() {
+                    Ok(what) => tracing::info!(reloaded = %what, "SIGHUP: auth reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: auth reload failed; the tokens in force stay"),
+                }
+            }
+        }
+    });
 
     let app = api::app(directory);
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
@@ -379,8 +514,49 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .context("serving the HTTP API")?;
     publisher.await.ok();
+    reloader.await.ok();
     if let Some(r) = reconciler {
         r.await.ok();
     }
     Ok(())
+}
+
+/// The directory's keys from its settings, logged (never a token): an auth
+/// file, the cluster token (made on first start), or none.
+fn setup_auth(config: &Config) -> anyhow::Result<Auth> {
+    use anyhow::Context;
+    let auth = match &config.auth {
+        AuthMode::File(path) => {
+            let auth = Auth::from_file(path)?;
+            tracing::info!(auth_file = %path.display(), "tokens and roles from the auth file; SIGHUP reloads it");
+            auth
+        }
+        AuthMode::ClusterToken => {
+            let path = config.state_dir.join("token");
+            let (token, created) =
+                crate::secret::read_or_create(&path).context("the cluster token (no --auth-file was given)")?;
+            tracing::info!(
+                token_file = %path.display(),
+                created,
+                "every request needs the cluster token: give clients --token-file with a copy of this file"
+            );
+            Auth::cluster(&token)
+        }
+        AuthMode::Off { insecure: true } => {
+            tracing::warn!(
+                listen = %config.listen,
+                "--insecure: no token is asked for; anyone who reaches this address can register and \
+                 deregister instances, take their traffic and read everything"
+            );
+            Auth::off()
+        }
+        AuthMode::Off { insecure: false } => {
+            tracing::info!(listen = %config.listen, "no tokens: listening on loopback alone with no --auth-file");
+            Auth::off()
+        }
+    };
+    match &config.webhook_secret_file {
+        Some(path) => Ok(auth.with_webhook_secret(path).context("--webhook-secret-file")?),
+        None => Ok(auth),
+    }
 }

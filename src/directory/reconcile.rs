@@ -18,6 +18,7 @@ use super::{Directory, RepoConfig};
 use crate::backoff::Backoff;
 use crate::gitsync::{self, Mirror};
 use crate::protocol::{Rejected, RoutesStatus};
+use crate::routes::MAX_ERRORS;
 
 /// A wake-up for the reconciler; a webhook passes a channel for the outcome.
 pub type Trigger = Option<oneshot::Sender<RoutesStatus>>;
@@ -56,7 +57,7 @@ async fn reconcile_once(directory: &Directory, repo: &RepoConfig, mirror_path: &
     let fetched = tokio::task::spawn_blocking(move || fetch(&repo_c, &path))
         .await
         .map_err(|e| format!("fetch task failed: {e}"))?
-        .map_err(|e| e.to_string());
+        .map_err(|e| repo.url.scrub(&e.to_string()));
     let fetched = match fetched {
         Ok(f) => f,
         Err(e) => {
@@ -77,7 +78,13 @@ async fn reconcile_once(directory: &Directory, repo: &RepoConfig, mirror_path: &
             directory.set_routes(fetched.commit, fetched.summary, routes);
         }
         Err(errors) => {
-            let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            // The first errors say what to fix; a commit with thousands must
+            // not make every status answer huge.
+            let total = errors.len();
+            let mut errors: Vec<String> = errors.iter().take(MAX_ERRORS).map(ToString::to_string).collect();
+            if total > MAX_ERRORS {
+                errors.push(format!("... and {} more errors", total - MAX_ERRORS));
+            }
             tracing::error!(commit = %fetched.commit, errors = ?errors, "routes commit rejected; the last good commit stays in force");
             directory.routes_fetched(
                 Some(Rejected { commit: fetched.commit, summary: fetched.summary, errors, at: now_rfc3339() }),
@@ -130,7 +137,7 @@ pub async fn run(
 /// reconcile whenever a ref moves. The watcher lives as long as the guard.
 fn watch_local(repo: &RepoConfig, tx: Option<mpsc::Sender<Trigger>>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let git_dir = gitsync::local_git_dir(&repo.url)?;
+    let git_dir = gitsync::local_git_dir(repo.url.expose())?;
     let tx = tx?;
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok_and(|e| !e.kind.is_access()) {

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::model::{Heartbeat, InstanceId};
+use crate::model::{Heartbeat, InstanceId, ServiceName};
 
 /// One registered instance.
 #[derive(Debug, Clone)]
@@ -36,6 +36,9 @@ pub enum Change {
 #[derive(Debug, Default)]
 pub struct Registry {
     instances: HashMap<InstanceId, Entry>,
+    /// Instances per service, kept with every change so a limit check does
+    /// not scan the registry.
+    per_service: HashMap<ServiceName, usize>,
 }
 
 impl Registry {
@@ -50,25 +53,57 @@ impl Registry {
             }
             _ => Change::Membership,
         };
-        self.instances.insert(id, Entry { heartbeat, last_seen: now });
+        *self.per_service.entry(heartbeat.service.clone()).or_default() += 1;
+        if let Some(old) = self.instances.insert(id, Entry { heartbeat, last_seen: now }) {
+            self.uncount(&old.heartbeat.service);
+        }
         change
+    }
+
+    fn uncount(&mut self, service: &ServiceName) {
+        if let Some(n) = self.per_service.get_mut(service) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_service.remove(service);
+            }
+        }
+    }
+
+    /// Live instances of `service`.
+    pub fn count_of(&self, service: &ServiceName) -> usize {
+        self.per_service.get(service).copied().unwrap_or(0)
     }
 
     /// Removes an instance; true when it was registered.
     pub fn remove(&mut self, id: &InstanceId) -> bool {
-        self.instances.remove(id).is_some()
+        match self.instances.remove(id) {
+            Some(old) => {
+                self.uncount(&old.heartbeat.service);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Removes every instance whose TTL has run out at `now`, and returns them.
     pub fn expire(&mut self, now: Instant) -> Vec<(InstanceId, Entry)> {
         let dead: Vec<InstanceId> =
             self.instances.iter().filter(|(_, e)| e.expires_at() <= now).map(|(id, _)| id.clone()).collect();
-        dead.into_iter().filter_map(|id| self.instances.remove_entry(&id)).collect()
+        let gone: Vec<(InstanceId, Entry)> =
+            dead.into_iter().filter_map(|id| self.instances.remove_entry(&id)).collect();
+        for (_, entry) in &gone {
+            self.uncount(&entry.heartbeat.service);
+        }
+        gone
     }
 
     /// When the next instance will expire, if any is registered.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.instances.values().map(Entry::expires_at).min()
+    }
+
+    pub fn get(&self, id: &InstanceId) -> Option<&Entry> {
+        self.instances.get(id)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&InstanceId, &Entry)> {
@@ -119,6 +154,7 @@ mod tests {
         assert_eq!(reg.expire(t0 + Duration::from_millis(3900)).len(), 1);
         assert!(reg.is_empty());
         assert_eq!(reg.next_expiry(), None);
+        assert_eq!(reg.count_of(&"emitter".parse().unwrap()), 0, "expiry uncounts");
     }
 
     #[test]
@@ -127,7 +163,13 @@ mod tests {
         let mut reg = Registry::default();
         reg.heartbeat(id("a"), hb("http://a", 3000), t0);
         assert_eq!(reg.heartbeat(id("a"), hb("http://a2", 3000), t0), Change::Membership);
+        assert_eq!(reg.count_of(&"emitter".parse().unwrap()), 1, "a move is not a second instance");
+        let mut moved = hb("http://a2", 3000);
+        moved.service = "barker".parse().unwrap();
+        reg.heartbeat(id("a"), moved, t0);
+        assert_eq!((reg.count_of(&"emitter".parse().unwrap()), reg.count_of(&"barker".parse().unwrap())), (0, 1));
         assert!(reg.remove(&id("a")));
+        assert_eq!(reg.count_of(&"barker".parse().unwrap()), 0);
         assert!(!reg.remove(&id("a")));
     }
 }

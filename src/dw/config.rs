@@ -1,9 +1,10 @@
 //! dw's defaults: `~/.config/dstack/dw.yaml`, then `/etc/datawire/dw.yaml`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::{output, Failure};
 use crate::model::DirectoryAddr;
+use crate::secret::{self, Secret};
 
 const SYSTEM_CONFIG: &str = "/etc/datawire/dw.yaml";
 const FALLBACK_DIRECTORY: &str = "127.0.0.1:7575";
@@ -20,13 +21,23 @@ fn user_config() -> Option<PathBuf> {
 #[derive(Debug, Default, serde::Deserialize)]
 struct DwFile {
     directory: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
-/// The `directory:` of a config file, if the file exists and sets it.
-fn directory_in(path: &std::path::Path) -> Result<Option<String>, Failure> {
+/// A config file, if it exists.
+fn read(path: &Path) -> Result<Option<DwFile>, Failure> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(None) };
-    let file: Option<DwFile> = crate::config_file::parse(path, &text).map_err(Failure::error)?;
-    Ok(file.and_then(|f| f.directory))
+    crate::config_file::parse(path, &text).map_err(Failure::error)
+}
+
+/// The first of the config files that sets a key.
+fn first_set<T>(key: impl Fn(DwFile) -> Option<T>) -> Result<Option<T>, Failure> {
+    for path in user_config().into_iter().chain([PathBuf::from(SYSTEM_CONFIG)]) {
+        if let Some(value) = read(&path)?.and_then(&key) {
+            return Ok(Some(value));
+        }
+    }
+    Ok(None)
 }
 
 /// The directory when no `-d` is given.
@@ -34,12 +45,17 @@ pub fn default_directory() -> Result<String, Failure> {
     if let Some(d) = std::env::var("DSTACK_DIRECTORY").ok().filter(|d| !d.is_empty()) {
         return Ok(d);
     }
-    for path in user_config().into_iter().chain([PathBuf::from(SYSTEM_CONFIG)]) {
-        if let Some(d) = directory_in(&path)? {
-            return Ok(d);
-        }
-    }
-    Ok(FALLBACK_DIRECTORY.to_string())
+    Ok(first_set(|f| f.directory)?.unwrap_or_else(|| FALLBACK_DIRECTORY.to_string()))
+}
+
+/// The token: `--token-file` (`flag`), else `$DSTACK_TOKEN`, else
+/// `token_file:` in dw.yaml; None sends no token.
+pub fn token(flag: Option<&Path>) -> Result<Option<Secret>, Failure> {
+    let fail = |e: secret::SecretError| Failure::error(format!("token: {e}"));
+    let env = secret::token_from_env().map_err(fail)?;
+    // The files are read only when neither the flag nor the variable decides.
+    let file = if flag.is_none() && env.is_none() { first_set(|f| f.token_file)? } else { None };
+    secret::resolve_token(flag, env.as_ref(), file.as_deref()).map_err(fail)
 }
 
 /// `dw config set KEY VALUE`.

@@ -61,6 +61,11 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "routes")]
     pub routes_dir: String,
 
+    /// A file holding the directory's token (not readable by group or
+    /// others). Default: $DSTACK_TOKEN, then `token_file:` in dw.yaml.
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -226,7 +231,9 @@ pub async fn run(cli: Cli) -> Result<i32, Failure> {
         None => config::default_directory()?,
     };
     let directory: DirectoryAddr = raw.parse().map_err(|e| Failure::usage(format!("-d: {e}")))?;
-    let ctx = Context { client: DirectoryClient::new(directory, Duration::from_secs(10)), style: Style::detect() };
+    let token = config::token(cli.token_file.as_deref())?;
+    let client = DirectoryClient::new(directory, Duration::from_secs(10)).with_token(token.as_ref());
+    let ctx = Context { client, style: Style::detect() };
     let repo = cli.repo.as_deref();
     let routes_dir = cli.routes_dir.as_str();
     match cli.command {

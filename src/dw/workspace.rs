@@ -1,9 +1,15 @@
 //! The operator's clone of the routes repo: where `dw` reads the working
 //! tree, commits, reverts and pushes.
+//!
+//! Reads go through libgit2. Commits, reverts and pushes run the `git`
+//! command itself, so that they honour the operator's git setup exactly as
+//! `git commit` does: hooks (pre-commit, commit-msg, pre-push), signing
+//! (`commit.gpgsign`, SSH or GPG), credential helpers, `core.hooksPath`.
+//! libgit2 runs none of these, and re-implementing them would drift.
 
 use std::path::{Path, PathBuf};
 
-use git2::{Oid, Repository, Signature, StatusOptions};
+use git2::{Oid, Repository, StatusOptions};
 
 use super::Failure;
 use crate::gitsync;
@@ -117,16 +123,45 @@ impl Workspace {
         Ok(())
     }
 
-    fn signature(&self) -> Result<Signature<'static>, Failure> {
-        self.repo
-            .signature()
-            .or_else(|_| Signature::now("dw", "dw@dstack.invalid"))
-            .map_err(git("making a commit signature"))
+    /// Runs `git` in the clone; its stdout, or an error carrying what git
+    /// (or a hook) printed. An operator with no git identity gets dw's, as
+    /// before, rather than git's "please tell me who you are".
+    fn run_git(&self, args: &[&str], stdin: Option<&str>) -> Result<String, Failure> {
+        use std::io::Write as _;
+        use std::process::{Command, Stdio};
+        let mut cmd = Command::new("git");
+        cmd.arg("-C").arg(&self.root).args(args);
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        if self.repo.signature().is_err() {
+            for (key, value) in [
+                ("GIT_AUTHOR_NAME", "dw"),
+                ("GIT_AUTHOR_EMAIL", "dw@dstack.invalid"),
+                ("GIT_COMMITTER_NAME", "dw"),
+                ("GIT_COMMITTER_EMAIL", "dw@dstack.invalid"),
+            ] {
+                cmd.env(key, value);
+            }
+        }
+        let what = format!("git {}", args.join(" "));
+        let mut child = cmd.spawn().map_err(|e| {
+            Failure::error(format!("cannot run {what}: {e}; dw needs git on the PATH to commit and push"))
+        })?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes()).map_err(|e| Failure::error(format!("{what}: {e}")))?;
+        }
+        let out = child.wait_with_output().map_err(|e| Failure::error(format!("{what}: {e}")))?;
+        if out.status.success() {
+            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
+        let printed =
+            String::from_utf8_lossy(&out.stderr).trim().to_string() + String::from_utf8_lossy(&out.stdout).trim();
+        Err(Failure::error(format!("{what} failed ({}):\n{printed}", out.status)))
     }
 
     /// Commits every change under the routes dir (additions, edits, deletions).
     pub fn commit_routes(&self, message: &str) -> Result<Oid, Failure> {
-        let mut index = self.repo.index().map_err(git("opening the index"))?;
+        let index = self.repo.index().map_err(git("opening the index"))?;
         // The apply commit holds route changes only: refuse to sweep in
         // whatever else the operator had staged.
         let head_tree = self.repo.head().and_then(|h| h.peel_to_tree()).map_err(git("reading HEAD"))?;
@@ -144,17 +179,10 @@ impl Workspace {
                 others.join(", ")
             )));
         }
-        let spec = [format!("{}/*", self.routes_dir)];
-        index.add_all(spec.iter(), git2::IndexAddOption::DEFAULT, None).map_err(git("staging the routes"))?;
-        index.update_all(spec.iter(), None).map_err(git("staging removed routes"))?;
-        index.write().map_err(git("writing the index"))?;
-        let tree = self
-            .repo
-            .find_tree(index.write_tree().map_err(git("writing the tree"))?)
-            .map_err(git("reading the tree"))?;
-        let parent = self.repo.head().and_then(|h| h.peel_to_commit()).map_err(git("reading HEAD"))?;
-        let sig = self.signature()?;
-        self.repo.commit(Some("HEAD"), &sig, &sig, message, &tree, &[&parent]).map_err(git("committing"))
+        // `git commit` itself: its hooks and signing apply (see the module doc).
+        self.run_git(&["add", "--all", "--", &self.routes_dir], None)?;
+        self.run_git(&["commit", "--quiet", "--file=-"], Some(message))?;
+        self.head()
     }
 
     /// The newest commit on HEAD's first-parent line that changed the routes.
@@ -189,42 +217,42 @@ impl Workspace {
         }
         // A merged pull request is reverted against its first parent, the
         // branch the directory follows (`git revert -m 1`), as the routes
-        // history walk sees it.
-        let mainline = if target.parent_count() > 1 { 1 } else { 0 };
-        let head = self.repo.head().and_then(|h| h.peel_to_commit()).map_err(git("reading HEAD"))?;
-        let mut index = self.repo.revert_commit(&target, &head, mainline, None).map_err(git("reverting"))?;
-        if index.has_conflicts() {
+        // history walk sees it. `git revert` itself writes the usual message,
+        // runs the hooks and signs; it refuses to overwrite uncommitted edits.
+        let sha = commit.to_string();
+        let mut args = vec!["revert", "--no-edit"];
+        if target.parent_count() > 1 {
+            args.extend(["-m", "1"]);
+        }
+        args.push(&sha);
+        if let Err(failure) = self.run_git(&args, None) {
+            let conflicted = self.repo.state() == git2::RepositoryState::Revert;
+            if conflicted {
+                // Leave the clone as it was, not half reverted.
+                let _ = self.run_git(&["revert", "--abort"], None);
+                return Err(Failure::error(format!(
+                    "reverting {} conflicts with later commits; revert it by hand (git revert {commit})",
+                    short(&sha)
+                )));
+            }
             return Err(Failure::error(format!(
-                "reverting {} conflicts with later commits; revert it by hand (git revert {commit})",
-                short(&commit.to_string())
+                "reverting {} did not go through; commit or stash uncommitted changes first. {}",
+                short(&sha),
+                failure.message
             )));
         }
-        let tree_id = index.write_tree_to(&self.repo).map_err(git("writing the reverted tree"))?;
-        let tree = self.repo.find_tree(tree_id).map_err(git("reading the reverted tree"))?;
-        // Bring the working tree to the reverted tree before HEAD moves, and
-        // safely (as `git revert` does): only the files the revert changes are
-        // written, and one of them with uncommitted edits stops it. A forced
-        // checkout would throw away the operator's work outside the routes.
-        self.repo.checkout_tree(tree.as_object(), Some(git2::build::CheckoutBuilder::new().safe())).map_err(|e| {
-            Failure::error(format!(
-                "reverting {} would overwrite uncommitted changes ({}); commit or stash them first",
-                short(&commit.to_string()),
-                e.message()
-            ))
-        })?;
-        let summary = target.summary().ok().flatten().unwrap_or("").to_string();
-        let message = if mainline == 1 {
-            let first = target.parent_id(0).map_err(git("reading the merge's first parent"))?;
-            format!("Revert \"{summary}\"\n\nThis reverts commit {commit}, reversing\nchanges made to {first}.\n")
-        } else {
-            format!("Revert \"{summary}\"\n\nThis reverts commit {commit}.\n")
-        };
-        let sig = self.signature()?;
-        self.repo.commit(Some("HEAD"), &sig, &sig, &message, &tree, &[&head]).map_err(git("committing the revert"))
+        self.head()
     }
 
+    /// `git push origin BRANCH`: credential helpers and the pre-push hook apply.
     pub fn push(&self) -> Result<(), Failure> {
-        gitsync::push(&self.repo, &self.branch).map_err(Failure::error)
+        let refspec = format!("refs/heads/{0}:refs/heads/{0}", self.branch);
+        self.run_git(&["push", "--quiet", "origin", &refspec], None).map(drop).map_err(|f| {
+            Failure::error(format!(
+                "the push to origin/{} was refused; pull first if origin moved. {}",
+                self.branch, f.message
+            ))
+        })
     }
 
     /// Resolves a commit name (sha, prefix, HEAD~1...).

@@ -158,8 +158,36 @@ impl RouteError {
 }
 
 /// A routes file as found in a commit or a working tree, not yet checked:
-/// its path from the repo root (`routes/barker.yaml`) and its bytes.
-pub type RawFile = (String, Vec<u8>);
+/// its path from the repo root (`routes/barker.yaml`) and its content.
+pub type RawFile = (String, Content);
+
+/// What a reader found in a routes file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    Bytes(Vec<u8>),
+    /// Larger than [`MAX_FILE_BYTES`]: its size, and its bytes left unread,
+    /// so a hostile commit cannot make the directory load a huge blob.
+    TooLarge(u64),
+}
+
+/// At most this many routes files in one commit.
+pub const MAX_FILES: usize = 1_000;
+/// At most this many bytes in one routes file (1,000 services in the short
+/// form take about 30 KB).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// A rejected commit keeps its first this many errors, and a count of the rest.
+pub const MAX_ERRORS: usize = 100;
+
+/// The content of a file of `size` bytes, read by `read` only when it is
+/// within [`MAX_FILE_BYTES`]: the git reader and the working-tree reader
+/// share this rule.
+pub fn read_bounded<E>(size: u64, read: impl FnOnce() -> Result<Vec<u8>, E>) -> Result<Content, E> {
+    if size > MAX_FILE_BYTES {
+        Ok(Content::TooLarge(size))
+    } else {
+        read().map(Content::Bytes)
+    }
+}
 
 /// Whether a file in the routes folder holds routes: `*.yaml` and `*.yml`
 /// (a README beside them is not read). The directory's git reader and the
@@ -174,12 +202,23 @@ pub fn is_routes_file(name: &str) -> bool {
 pub fn decode(files: Vec<RawFile>) -> (Vec<(String, String)>, Vec<RouteError>) {
     let mut texts = Vec::new();
     let mut errors = Vec::new();
-    for (file, bytes) in files {
-        match String::from_utf8(bytes) {
-            Ok(text) => texts.push((file, text)),
-            Err(_) => {
-                errors.push(RouteError::at_start(file, "the file is not UTF-8 text; routes files are UTF-8 YAML"))
-            }
+    if files.len() > MAX_FILES {
+        let dir = files[0].0.rsplit_once('/').map_or("", |(dir, _)| dir).to_string();
+        let message = format!("{} routes files; a commit may hold at most {MAX_FILES}", files.len());
+        return (texts, vec![RouteError::at_start(dir, message)]);
+    }
+    for (file, content) in files {
+        match content {
+            Content::TooLarge(size) => errors.push(RouteError::at_start(
+                file,
+                format!("the file is {size} bytes; a routes file may be at most {MAX_FILE_BYTES} bytes"),
+            )),
+            Content::Bytes(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => texts.push((file, text)),
+                Err(_) => {
+                    errors.push(RouteError::at_start(file, "the file is not UTF-8 text; routes files are UTF-8 YAML"))
+                }
+            },
         }
     }
     (texts, errors)
@@ -246,8 +285,10 @@ pub fn read_dir(root: &Path, routes_dir: &str) -> Result<Vec<RawFile>, Vec<Route
 
     let mut files = Vec::new();
     for name in names {
-        match std::fs::read(dir.join(&name)) {
-            Ok(bytes) => files.push((rel(&name), bytes)),
+        let path = dir.join(&name);
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match read_bounded(size, || std::fs::read(&path)) {
+            Ok(content) => files.push((rel(&name), content)),
             Err(e) => errors.push(io_error(rel(&name), "read the file", e)),
         }
     }
@@ -351,6 +392,31 @@ mod tests {
                 "routes/c.yaml:1:1: emitter: service is already defined at routes/a.yaml:1:1; define each service once",
                 "routes/c.yaml:1:11: emitter: weights sum to 50, they must sum to 100",
             ]
+        );
+    }
+
+    #[test]
+    fn a_commit_is_bounded_in_files_and_bytes() {
+        let big = vec![b'#'; MAX_FILE_BYTES as usize + 1];
+        let errors = read_files(vec![
+            ("routes/a.yaml".into(), Content::Bytes(b"a: {v1: 100}\n".to_vec())),
+            ("routes/big.yaml".into(), read_bounded(big.len() as u64, || Ok::<_, ()>(big.clone())).unwrap()),
+        ])
+        .unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0].to_string(),
+            format!(
+                "routes/big.yaml:1:1: the file is {} bytes; a routes file may be at most {MAX_FILE_BYTES} bytes",
+                big.len()
+            )
+        );
+        let many: Vec<RawFile> =
+            (0..=MAX_FILES).map(|n| (format!("routes/s{n}.yaml"), Content::Bytes(Vec::new()))).collect();
+        let errors = read_files(many).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            format!("routes:1:1: {} routes files; a commit may hold at most {MAX_FILES}", MAX_FILES + 1)
         );
     }
 

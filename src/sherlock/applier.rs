@@ -317,6 +317,7 @@ impl Applier {
             tracing::info!(backend = %key.0, server = %key.1, "drained server deleted");
             self.draining.remove(&key);
         }
+        self.shared.status.lock().unwrap().draining = self.draining.len();
     }
 
     /// Reads the runtime state back and corrects anything that differs from

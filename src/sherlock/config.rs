@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::config_file::{self, FileError, Seconds};
 use crate::model::{ClientName, DirectoryAddr, InstanceId};
+use crate::secret::{self, Secret, SecretError};
 
 pub const DEFAULT_CONFIG: &str = "/etc/datawire/sherlock.yaml";
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8000);
@@ -64,9 +65,18 @@ pub struct Args {
     /// 0s turns it off [default: 50ms].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub coalesce: Option<Duration>,
+    /// A file holding the directory's token (not readable by group or
+    /// others); else $DSTACK_TOKEN, else the config file's token_file.
+    /// With a sherlock token, the directory lists this sherlock under the
+    /// token's name.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
     /// The config file read when no -d is given.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// $DSTACK_TOKEN, read by [`load`].
+    #[arg(skip)]
+    pub env_token: Option<Secret>,
 }
 
 /// How changes reach HAProxy.
@@ -94,6 +104,7 @@ pub struct FileConfig {
     pub admin: Option<String>,
     pub apply_mode: Option<ApplyMode>,
     pub coalesce: Option<Seconds>,
+    pub token_file: Option<PathBuf>,
 }
 
 /// Validated settings of one sherlock.
@@ -119,6 +130,8 @@ pub struct Config {
     pub mode: ApplyMode,
     /// Changes closer together than this are applied as one (capped at 1 s).
     pub coalesce: Duration,
+    /// Sent to every directory; None when auth is off there.
+    pub token: Option<Secret>,
 }
 
 /// Why sherlock's settings were refused.
@@ -128,10 +141,13 @@ pub enum ConfigError {
     File(#[from] FileError),
     #[error("{0}")]
     Invalid(String),
+    #[error("token: {0}")]
+    Token(#[from] SecretError),
 }
 
 /// Reads the config file when no `-d` is given, and resolves.
-pub fn load(args: Args) -> Result<Config, ConfigError> {
+pub fn load(mut args: Args) -> Result<Config, ConfigError> {
+    args.env_token = secret::token_from_env()?;
     let file = if args.directories.is_empty() {
         let file: FileConfig = config_file::load(&args.config).map_err(|e| match e {
             FileError::Read { path, source } => {
@@ -200,7 +216,8 @@ pub fn resolve(args: Args, file: Option<FileConfig>, host: &str) -> Result<Confi
     if coalesce > MAX_COALESCE {
         return Err(invalid(format!("--coalesce {}: at most 1s", humantime::format_duration(coalesce))));
     }
-    Ok(Config { directories, listen, run_dir, haproxy, template, name, client, admin, mode, coalesce })
+    let token = secret::resolve_token(args.token_file.as_deref(), args.env_token.as_ref(), file.token_file.as_deref())?;
+    Ok(Config { directories, listen, run_dir, haproxy, template, name, client, admin, mode, coalesce, token })
 }
 
 /// What the default run dir depends on; a parameter so tests give their own.
@@ -329,6 +346,32 @@ mod tests {
         assert_eq!((c.listen.port(), c.client.as_str(), c.name.as_str()), (9100, "web", "edge-2"));
         assert_eq!(c.admin, Some("127.0.0.1:9101".parse().unwrap()));
         assert_eq!((c.mode, c.coalesce), (ApplyMode::Runtime, Duration::ZERO));
+    }
+
+    #[test]
+    fn the_token_comes_from_the_flag_then_the_environment_then_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let path = tmp.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+            path
+        };
+        let (flag, in_file) = (write("flag", "from-flag\n", 0o600), write("file", "from-file\n", 0o400));
+        let f = || file(&format!("directories: [d]\ntoken_file: {}\n", in_file.display()));
+        let token = |flags: &[&str], env: Option<&str>| {
+            let mut a = args(flags);
+            a.env_token = env.map(|e| Secret::new(e).unwrap());
+            resolve(a, Some(f()), "h").unwrap().token.map(|t| t.expose().to_string())
+        };
+        let flag_arg = flag.to_str().unwrap();
+        assert_eq!(token(&["--token-file", flag_arg], Some("from-env")).as_deref(), Some("from-flag"));
+        assert_eq!(token(&[], Some("from-env")).as_deref(), Some("from-env"));
+        assert_eq!(token(&[], None).as_deref(), Some("from-file"));
+        assert!(resolve(args(&["-d", "d"]), None, "h").unwrap().token.is_none());
+        let open = write("open", "t\n", 0o604);
+        let err = resolve(args(&["-d", "d", "--token-file", open.to_str().unwrap()]), None, "h").unwrap_err();
+        assert!(err.to_string().contains(&format!("token: {} has mode 0604", open.display())), "{err}");
     }
 
     #[test]

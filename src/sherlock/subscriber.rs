@@ -31,8 +31,11 @@ pub async fn run(
     shared: Arc<admin::Shared>,
     shutdown: CancellationToken,
 ) {
-    let clients: Vec<DirectoryClient> =
-        config.directories.iter().map(|d| DirectoryClient::new(d.clone(), Duration::from_secs(5))).collect();
+    let clients: Vec<DirectoryClient> = config
+        .directories
+        .iter()
+        .map(|d| DirectoryClient::new(d.clone(), Duration::from_secs(5)).with_token(config.token.as_ref()))
+        .collect();
     let mut current = 0;
     // The snapshot received last: (epoch, index) tells a restarted or
     // another directory's snapshot from an old one, whatever the index.

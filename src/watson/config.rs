@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::config_file::{self, FileError, Seconds};
 use crate::model::{DirectoryAddr, InstanceUrl, ServiceName, Version};
+use crate::secret::{self, Secret, SecretError};
 
 pub const DEFAULT_CONFIG: &str = "/etc/datawire/watson.yaml";
 pub const DEFAULT_SERVICES_DIR: &str = "/etc/datawire.d/";
@@ -48,9 +49,16 @@ pub struct Args {
     /// How long one check may take (at most the period) [default: 2s].
     #[arg(long, value_parser = config_file::parse_duration)]
     pub timeout: Option<Duration>,
+    /// A file holding the directory's token (not readable by group or
+    /// others); else $DSTACK_TOKEN, else the config file's token_file.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
     /// The config file read when no service is given on the command line.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// $DSTACK_TOKEN, read by [`load`].
+    #[arg(skip)]
+    pub env_token: Option<Secret>,
 }
 
 /// Why watson's settings were refused.
@@ -62,6 +70,8 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error("{0}")]
     Flag(String),
+    #[error("token: {0}")]
+    Token(#[from] SecretError),
 }
 
 /// One service instance on this host that watson looks after.
@@ -126,6 +136,8 @@ impl ServiceConfig {
 pub struct Config {
     pub directories: Vec<DirectoryAddr>,
     pub services: Vec<ServiceConfig>,
+    /// Sent to every directory; None when auth is off there.
+    pub token: Option<Secret>,
 }
 
 /// `/etc/datawire/watson.yaml`.
@@ -135,6 +147,9 @@ pub struct FileConfig {
     pub directories: Vec<DirectoryAddr>,
     #[serde(default)]
     pub services_dir: Option<PathBuf>,
+    /// The directory's token, as with --token-file.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
 }
 
 /// One file in the services dir.
@@ -172,7 +187,8 @@ pub fn parse_period(raw: &str) -> Result<Duration, String> {
 }
 
 /// Reads the files only when the command line does not name a service.
-pub fn load(args: Args) -> Result<Config, ConfigError> {
+pub fn load(mut args: Args) -> Result<Config, ConfigError> {
+    args.env_token = secret::token_from_env()?;
     let files = if args.service.is_none() { Some(read_files(&args.config)?) } else { None };
     resolve(args, files)
 }
@@ -220,6 +236,7 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
             directories = files.config.directories.clone();
         }
     }
+    let token_file = files.as_ref().and_then(|f| f.config.token_file.clone());
     let services = match (&args.service, &args.url, &args.period, files) {
         (Some(service), Some(url), Some(period), _) => {
             let name: ServiceName = service.parse().map_err(|e| flag(format!("SERVICE: {e}")))?;
@@ -253,7 +270,8 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
     if directories.is_empty() {
         return Err(flag("-d: give at least one directory, e.g. -d //services/directory".into()));
     }
-    Ok(Config { directories, services })
+    let token = secret::resolve_token(args.token_file.as_deref(), args.env_token.as_ref(), token_file.as_deref())?;
+    Ok(Config { directories, services, token })
 }
 
 #[cfg(test)]
@@ -302,7 +320,7 @@ mod tests {
         std::fs::write(tmp.path().join("e.yaml"), "name: emitter\nurl: http://vm101/emitter\n").unwrap();
         let files = || Files {
             path: "watson.yaml".into(),
-            config: FileConfig { directories: vec!["filedir".parse().unwrap()], services_dir: None },
+            config: FileConfig { directories: vec!["filedir".parse().unwrap()], services_dir: None, token_file: None },
             services: vec![(
                 tmp.path().join("e.yaml"),
                 config_file::load::<ServiceFile>(&tmp.path().join("e.yaml")).unwrap(),
@@ -313,6 +331,40 @@ mod tests {
         assert_eq!(c.services[0].period, DEFAULT_PERIOD);
         let c = resolve(args(&["-d", "flagdir"]), Some(files())).unwrap();
         assert_eq!(c.directories[0].base(), "http://flagdir:7575");
+    }
+
+    #[test]
+    fn the_token_comes_from_the_flag_then_the_environment_then_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = tmp.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            path
+        };
+        let (flag, file) = (write("flag", "from-flag\n"), write("file", "from-file\n"));
+        std::fs::write(tmp.path().join("e.yaml"), "name: emitter\nurl: http://vm101/emitter\n").unwrap();
+        let files = || Files {
+            path: "watson.yaml".into(),
+            config: FileConfig {
+                directories: vec!["d".parse().unwrap()],
+                services_dir: None,
+                token_file: Some(file.clone()),
+            },
+            services: vec![(tmp.path().join("e.yaml"), config_file::load(&tmp.path().join("e.yaml")).unwrap())],
+        };
+        let token = |mut a: Args, env: Option<&str>| {
+            a.env_token = env.map(|e| Secret::new(e).unwrap());
+            resolve(a, Some(files())).unwrap().token.map(|t| t.expose().to_string())
+        };
+        let flag_arg = flag.to_str().unwrap();
+        assert_eq!(token(args(&["--token-file", flag_arg]), Some("from-env")).as_deref(), Some("from-flag"));
+        assert_eq!(token(Args::default(), Some("from-env")).as_deref(), Some("from-env"));
+        assert_eq!(token(Args::default(), None).as_deref(), Some("from-file"));
+        let open = write("open", "t\n");
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let err = resolve(args(&["--token-file", open.to_str().unwrap()]), Some(files())).unwrap_err().to_string();
+        assert!(err.starts_with("token: ") && err.contains("has mode 0644"), "{err}");
     }
 
     #[test]

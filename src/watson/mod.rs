@@ -83,7 +83,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let client = DirectoryClient::new(
                 addr.clone(),
                 service.period.clamp(Duration::from_millis(200), Duration::from_secs(5)),
-            );
+            )
+            .with_token(config.token.as_ref());
             tasks.spawn(heartbeat_loop(client, id.clone(), service.clone(), state_rx.clone(), shutdown.clone()));
         }
         tasks.spawn(check_loop(http.clone(), id, service, state_tx, shutdown.clone()));

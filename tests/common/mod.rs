@@ -70,9 +70,14 @@ impl Proc {
 
     /// Sends SIGTERM and waits for the exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Sends `signal` (SIGTERM, SIGINT) and waits for the exit.
+    pub fn stop_with(&mut self, signal: i32) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -80,7 +85,7 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("{} ignored SIGTERM for 10s; log:\n{}", self.name, self.log_text());
+                panic!("{} ignored signal {signal} for 10s; log:\n{}", self.name, self.log_text());
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -95,6 +100,12 @@ impl Proc {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until its log holds `needle`; the log's text.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let what = format!("{:?} in {}'s log", needle, self.name);
+        eventually(timeout, &what, async || Some(self.log_text()).filter(|t| t.contains(needle))).await
     }
 }
 
@@ -131,13 +142,17 @@ pub async fn eventually<T>(timeout: Duration, what: &str, mut check: impl AsyncF
 }
 
 /// A small real HTTP service instance, served from the test process.
-/// It answers `<name> <path?query>` and counts requests by name.
+/// It answers `<name> <path?query>` and counts requests by name. A request
+/// whose path ends in `/hold` is answered only after [`Instance::release`],
+/// so a test can keep a connection open through it.
 pub struct Instance {
     pub name: String,
     pub port: u16,
     pub healthy: Arc<AtomicBool>,
     /// Every path (with query) it has been asked for.
     pub seen: Arc<Mutex<Vec<String>>>,
+    /// Set once: held requests are answered from then on.
+    released: Arc<tokio::sync::watch::Sender<bool>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -146,6 +161,7 @@ struct InstanceState {
     name: String,
     healthy: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<String>>>,
+    released: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 async fn answer(State(s): State<InstanceState>, req: Request) -> (StatusCode, String) {
@@ -158,6 +174,9 @@ async fn answer(State(s): State<InstanceState>, req: Request) -> (StatusCode, St
         };
     }
     s.seen.lock().unwrap().push(uri.clone());
+    if req.uri().path().ends_with("/hold") {
+        let _ = s.released.subscribe().wait_for(|released| *released).await;
+    }
     (StatusCode::OK, format!("{} {}", s.name, uri))
 }
 
@@ -175,6 +194,7 @@ impl Instance {
             name: name.into(),
             healthy: Arc::new(AtomicBool::new(true)),
             seen: Arc::new(Mutex::new(Vec::new())),
+            released: Arc::new(tokio::sync::watch::Sender::new(false)),
         };
         let app = axum::Router::new().fallback(answer).with_state(state.clone());
         // The connections live in a JoinSet owned by this task, so aborting
@@ -191,11 +211,23 @@ impl Instance {
                 while connections.try_join_next().is_some() {}
             }
         });
-        Instance { name: name.into(), port, healthy: state.healthy, seen: state.seen, task: Some(task) }
+        Instance {
+            name: name.into(),
+            port,
+            healthy: state.healthy,
+            seen: state.seen,
+            released: state.released,
+            task: Some(task),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// Answers every held (`.../hold`) request, now and from now on.
+    pub fn release(&self) {
+        self.released.send_replace(true);
     }
 
     /// Kills it: the listener closes, so new connections are refused.
@@ -292,6 +324,30 @@ impl Cluster {
         self.admin_ports.lock().unwrap()[&port]
     }
 
+    /// The run dir (haproxy.cfg, `master.sock`, `admin.sock`) of the sherlock
+    /// listening on `port`.
+    pub fn run_dir(&self, port: u16) -> PathBuf {
+        self.dir.path().join(format!("sherlock-{port}"))
+    }
+
+    /// `GET /status` on the admin endpoint of the sherlock listening on `port`.
+    pub async fn sherlock_status(&self, port: u16) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{}/status", self.admin_port(port));
+        self.http.get(url).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// One value from `/metrics` of the sherlock listening on `port`.
+    pub async fn sherlock_metric(&self, port: u16, name: &str) -> u64 {
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin_port(port));
+        metric(&self.http.get(url).send().await.unwrap().text().await.unwrap(), name)
+    }
+
+    /// One value from the directory's `/metrics`.
+    pub async fn directory_metric(&self, name: &str) -> u64 {
+        let url = format!("{}/metrics", self.directory_url());
+        metric(&self.http.get(url).send().await.unwrap().text().await.unwrap(), name)
+    }
+
     /// Starts another sherlock on a free port with its own run dir.
     pub async fn start_sherlock(&self, extra: &[&str]) -> (u16, Proc) {
         self.start_sherlock_at(free_port(), extra).await
@@ -339,10 +395,7 @@ impl Cluster {
         eventually(Duration::from_secs(15), &what, async || {
             let status = self.status().await;
             let count = status["instances"].as_array()?.iter().filter(|i| i["service"] == service).count();
-            let index = status["index"].as_u64()?;
-            let sherlocks = status["sherlocks"].as_array()?;
-            let converged = !sherlocks.is_empty() && sherlocks.iter().all(|s| s["applied"].as_u64() == Some(index));
-            (count == n && converged).then_some(())
+            (count == n && all_applied(&status)).then_some(())
         })
         .await;
     }
@@ -372,9 +425,7 @@ impl Cluster {
         let want = commit.to_string();
         eventually(Duration::from_secs(15), &format!("commit {want} applied"), async || {
             let status = self.status().await;
-            let index = status["index"].as_u64()?;
-            let converged = status["sherlocks"].as_array()?.iter().all(|s| s["applied"].as_u64() == Some(index));
-            (status["commit"] == want.as_str() && converged).then_some(())
+            (status["commit"] == want.as_str() && all_applied(&status)).then_some(())
         })
         .await;
     }
@@ -394,10 +445,16 @@ impl Cluster {
 
     /// `n` sequential requests through sherlock; counts answers by first word.
     pub async fn tally(&self, path: &str, n: usize) -> (HashMap<String, usize>, usize) {
+        self.tally_via(self.sherlock_port, path, n).await
+    }
+
+    /// `n` sequential requests through the sherlock listening on `port`;
+    /// counts answers by first word, and errors.
+    pub async fn tally_via(&self, port: u16, path: &str, n: usize) -> (HashMap<String, usize>, usize) {
         let mut counts = HashMap::new();
         let mut errors = 0;
         for _ in 0..n {
-            match self.get(path).await {
+            match get_via(&self.http, port, path).await {
                 Ok((200, body)) => *counts.entry(body.split(' ').next().unwrap_or("").to_string()).or_default() += 1,
                 _ => errors += 1,
             }
@@ -412,6 +469,20 @@ impl Cluster {
         all.extend_from_slice(args);
         run_dw(&all, None)
     }
+}
+
+/// True when `/v1/status` lists at least one sherlock and every one listed
+/// has applied the snapshot served (its epoch too, once the directory
+/// reports one). No sherlock at all is not convergence: it is a sherlock
+/// that has not asked yet.
+pub fn all_applied(status: &serde_json::Value) -> bool {
+    let Some(index) = status["index"].as_u64() else { return false };
+    let Some(sherlocks) = status["sherlocks"].as_array() else { return false };
+    let epoch = status.get("epoch");
+    !sherlocks.is_empty()
+        && sherlocks
+            .iter()
+            .all(|s| s["applied"].as_u64() == Some(index) && epoch.is_none_or(|e| s.get("applied_epoch") == Some(e)))
 }
 
 pub async fn get_via(http: &reqwest::Client, port: u16, path: &str) -> Result<(u16, String), String> {
@@ -432,6 +503,87 @@ pub fn run_dw(args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The value of an unlabelled metric in Prometheus text; panics if absent.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .find_map(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}")) as u64
+}
+
+/// One command on an HAProxy CLI socket (`master.sock`, `admin.sock`); the
+/// whole answer. Blocking, but HAProxy answers in microseconds.
+pub fn socket_command(socket: &Path, command: &str) -> String {
+    try_socket_command(socket, command).unwrap_or_else(|e| panic!("{command:?} on {}: {e}", socket.display()))
+}
+
+pub fn try_socket_command(socket: &Path, command: &str) -> std::io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{command}\n").as_bytes())?;
+    // The master CLI answers only once our side is closed.
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// What HAProxy's master says of itself (`show proc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcState {
+    /// Reloads since the master started, failed ones included.
+    pub reloads: u64,
+    /// Reloads that failed (the previous worker kept serving).
+    pub failed: u64,
+    /// The current workers' pids (not the old ones still finishing).
+    pub workers: Vec<u32>,
+}
+
+/// `show proc` on the master socket in `run_dir`, read here rather than
+/// through sherlock, so a test checks HAProxy's own account. Retries while
+/// the master re-executes itself (a reload), when its socket refuses.
+pub async fn show_proc(run_dir: &Path) -> ProcState {
+    let socket = run_dir.join("master.sock");
+    eventually(Duration::from_secs(10), "haproxy's master to answer `show proc`", async || {
+        parse_show_proc(&try_socket_command(&socket, "show proc").ok()?)
+    })
+    .await
+}
+
+/// Parses `show proc` (HAProxy 2.6): the master line, then `# workers`.
+pub fn parse_show_proc(text: &str) -> Option<ProcState> {
+    let mut state = None;
+    let mut section = "";
+    for line in text.lines() {
+        if let Some(title) = line.strip_prefix("# ") {
+            section = title.trim();
+            continue;
+        }
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [_, "master", reloads, "[failed:", failed, ..] => {
+                state = Some(ProcState {
+                    reloads: reloads.parse().ok()?,
+                    failed: failed.trim_end_matches(']').parse().ok()?,
+                    workers: Vec::new(),
+                })
+            }
+            [pid, "worker", ..] if section == "workers" => state.as_mut()?.workers.push(pid.parse().ok()?),
+            _ => {}
+        }
+    }
+    state
+}
+
+/// The server names `show servers state BACKEND` lists on `admin.sock`.
+pub fn haproxy_servers(run_dir: &Path, backend: &str) -> Vec<String> {
+    let text = socket_command(&run_dir.join("admin.sock"), &format!("show servers state {backend}"));
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .collect()
 }
 
 /// Pids of the HAProxy processes whose command line names `run_dir`.
@@ -508,8 +660,13 @@ impl RoutesRepo {
     }
 
     pub fn push(&self) {
+        self.push_to("main");
+    }
+
+    /// Pushes the local `main` to the remote's `branch`.
+    pub fn push_to(&self, branch: &str) {
         let mut remote = self.repo.find_remote("origin").unwrap();
-        remote.push(&["refs/heads/main:refs/heads/main"], None).unwrap();
+        remote.push(&[format!("refs/heads/main:refs/heads/{branch}")], None).unwrap();
     }
 
     /// `git revert COMMIT`, committed and pushed.

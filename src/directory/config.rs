@@ -228,6 +228,7 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
     let zero = [
         ("instances", limits.instances),
         ("instances_per_service", limits.instances_per_service),
+        ("services", limits.services),
         ("sherlocks", limits.sherlocks),
         ("waiting_queries", limits.waiting_queries),
     ];

@@ -296,7 +296,15 @@ impl Directory {
                 ))
                 .into());
             }
-            if inner.registry.count_of(&heartbeat.service) >= limits.instances_per_service {
+            let count = inner.registry.count_of(&heartbeat.service);
+            if count == 0 && inner.registry.service_count() >= limits.services {
+                return Err(Full(format!(
+                    "the directory holds {} services, its limit (limits.services); {} is not added",
+                    limits.services, heartbeat.service
+                ))
+                .into());
+            }
+            if count >= limits.instances_per_service {
                 return Err(Full(format!(
                     "{} has {} instances, the limit for one service (limits.instances_per_service)",
                     heartbeat.service, limits.instances_per_service

@@ -69,6 +69,10 @@ pub async fn run(
                     // Refused whole, like a bad commit at the directory: the
                     // next directory, or this one's next snapshot, may be good.
                     tracing::error!(error = %e, retry_in = ?delay, "snapshot refused; keeping the running config");
+                } else if e.is_refusal() {
+                    // A 401 or 403 is a token problem an operator must fix,
+                    // not an outage: say so.
+                    tracing::error!(error = %e, retry_in = ?delay, "the directory refused this sherlock (check its token); keeping the running config");
                 } else {
                     tracing::warn!(error = %e, retry_in = ?delay, "directory unreachable; keeping the running config");
                 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::model::{DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotId};
+use crate::model::{DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotError, SnapshotId, MAX_SNAPSHOT_BYTES};
 use crate::protocol::{InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck};
 use crate::secret::Secret;
 use crate::tls::ClientTls;
@@ -57,6 +57,14 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    /// A snapshot too large or failing its checks: what sherlock would
+    /// otherwise write into haproxy.cfg.
+    #[error("directory {addr} sent a snapshot that was refused: {source}")]
+    BadSnapshot {
+        addr: DirectoryAddr,
+        #[source]
+        source: SnapshotError,
+    },
 }
 
 impl ClientError {
@@ -64,6 +72,23 @@ impl ClientError {
     pub fn is_refusal(&self) -> bool {
         matches!(self, ClientError::Refused { status, .. } if (400..500).contains(status))
     }
+}
+
+/// Reads a body of at most `limit` bytes, chunk by chunk: a larger one is
+/// refused (`Err(None)`) at its first chunk over the limit, or at once when
+/// its declared length is over, and never buffered whole.
+async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, Option<reqwest::Error>> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Err(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// One directory, with its HTTP connection pool.
@@ -113,6 +138,13 @@ impl DirectoryClient {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let resp = self.respond(req).await?;
+        resp.json().await.map_err(|source| ClientError::Decode { addr: self.addr.clone(), source })
+    }
+
+    /// Sends the request with the token; a successful response, or the
+    /// refusal it carries.
+    async fn respond(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
         let req = match &self.authorization {
             Some(value) => req.header(reqwest::header::AUTHORIZATION, value.clone()),
             None => req,
@@ -127,7 +159,7 @@ impl DirectoryClient {
                 .unwrap_or(body);
             return Err(ClientError::Refused { addr: self.addr.clone(), status: status.as_u16(), message });
         }
-        resp.json().await.map_err(|source| ClientError::Decode { addr: self.addr.clone(), source })
+        Ok(resp)
     }
 
     /// Registers or refreshes an instance; the answer names the first
@@ -143,6 +175,10 @@ impl DirectoryClient {
     /// A blocking query: returns when the directory's snapshot differs from
     /// `held` or `wait` has passed. `me` names the asking sherlock and the
     /// snapshot it has applied.
+    ///
+    /// The body is read up to [`MAX_SNAPSHOT_BYTES`] and decoded with every
+    /// check of [`Snapshot::from_json`]; a refusal is
+    /// [`ClientError::BadSnapshot`].
     pub async fn snapshot(
         &self,
         held: SnapshotId,
@@ -158,7 +194,14 @@ impl DirectoryClient {
             applied: me.map(|(_, applied)| applied.index),
         };
         let req = self.http.get(self.url("/v1/snapshot")).query(&query).timeout(wait + Duration::from_secs(10));
-        self.send(req).await
+        let resp = self.respond(req).await?;
+        let bad = |source| ClientError::BadSnapshot { addr: self.addr.clone(), source };
+        let body = match read_capped(resp, MAX_SNAPSHOT_BYTES).await {
+            Ok(body) => body,
+            Err(Some(source)) => return Err(ClientError::Decode { addr: self.addr.clone(), source }),
+            Err(None) => return Err(bad(SnapshotError::TooLarge { limit: MAX_SNAPSHOT_BYTES })),
+        };
+        Snapshot::from_json(&body).map_err(bad)
     }
 
     pub async fn status(&self) -> Result<Status, ClientError> {
@@ -178,6 +221,66 @@ impl DirectoryClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A one-connection HTTP server that answers `head` and then writes
+    /// `chunk` as a chunked body, `count` times (or until the client hangs up).
+    async fn serve(
+        head: &'static str,
+        chunk: Vec<u8>,
+        count: usize,
+    ) -> (DirectoryAddr, tokio::task::JoinHandle<usize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap()).parse().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request).await;
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut sent = 0;
+            for _ in 0..count {
+                let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+                if stream.write_all(&framed).await.is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+            sent
+        });
+        (addr, task)
+    }
+
+    const CHUNKED: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+
+    #[tokio::test]
+    async fn a_streamed_body_is_cut_off_at_the_limit() {
+        let (addr, server) = serve(CHUNKED, vec![b' '; 64 * 1024], usize::MAX).await;
+        let client = reqwest::Client::new();
+        let resp = client.get(format!("{addr}/v1/snapshot")).send().await.unwrap();
+        assert!(matches!(read_capped(resp, 1 << 20).await, Err(None)));
+        // The server saw the client hang up soon after the limit, not an endless read.
+        let sent = tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+        assert!(sent < 64 << 20, "{sent} bytes sent");
+        let (addr, _server) = serve(CHUNKED, br#"{"index":1,"services":{}}"#.to_vec(), 1).await;
+        let resp = client.get(format!("{addr}/v1/snapshot")).send().await.unwrap();
+        assert_eq!(read_capped(resp, 1 << 20).await.unwrap(), br#"{"index":1,"services":{}}"#);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_over_the_limit_or_failing_its_checks_is_refused() {
+        // A declared length over the limit is refused before any of the body is read.
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000000000\r\n\r\n";
+        let (addr, _server) = serve(head, Vec::new(), 0).await;
+        let client = DirectoryClient::new(addr, Duration::from_secs(5));
+        let err = client.snapshot(SnapshotId::default(), Duration::ZERO, None).await.unwrap_err().to_string();
+        assert!(err.contains("sent a snapshot that was refused: the snapshot is larger than 67108864 bytes"), "{err}");
+        let bad = br#"{"index":1,"commit":"abc1234\nprogram x","services":{}}"#.to_vec();
+        let (addr, _server) = serve(CHUNKED, bad, 1).await;
+        let client = DirectoryClient::new(addr, Duration::from_secs(5));
+        let err = client.snapshot(SnapshotId::default(), Duration::ZERO, None).await.unwrap_err().to_string();
+        assert!(err.contains("refused: not a valid snapshot: commit \"abc1234\\nprogram x\""), "{err}");
+    }
 
     #[test]
     fn the_token_never_shows_in_debug() {

@@ -12,7 +12,7 @@
 //!
 //! 1. [`model`]: names, versions, URLs, the heartbeat and the snapshot;
 //!    shared helpers with no domain ([`fnv`], [`backoff`], [`prometheus`],
-//!    [`config_file`], [`secret`], [`tls`]).
+//!    [`config_file`], [`secret`], [`private_dir`], [`tls`]).
 //! 2. [`routes`]: the desired state, read and validated from YAML, and the
 //!    weight arithmetic; [`gitsync`] reads it from git.
 //! 3. [`protocol`]: the `/v1` wire types both sides speak.
@@ -27,6 +27,7 @@ pub mod dw;
 pub mod fnv;
 pub mod gitsync;
 pub mod model;
+pub mod private_dir;
 pub mod prometheus;
 pub mod protocol;
 pub mod routes;

@@ -396,7 +396,8 @@ pub struct Backend {
     pub id: InstanceId,
     pub url: InstanceUrl,
     pub version: Version,
-    /// HAProxy server weight, 0..=256; 0 takes no new traffic.
+    /// HAProxy server weight, 0..=256 ([`MAX_BACKEND_WEIGHT`]); 0 takes no
+    /// new traffic.
     pub weight: u32,
 }
 
@@ -404,33 +405,248 @@ pub struct Backend {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceBackends {
     /// Sorted by id, so that equal snapshots render equal configs.
+    #[serde(deserialize_with = "bounded::backends")]
     pub backends: Vec<Backend>,
 }
 
 /// What the directory serves: the merge of live instances and desired routes.
+///
+/// Decoding one is checked ([`Snapshot::check`]) whatever reads it: a
+/// subscriber's blocking query, `snapshot.json` at sherlock's start, `dw`.
+/// A snapshot is what sherlock writes into `haproxy.cfg`, so it is trusted no
+/// more than any other input (README.md, "Sherlock and HAProxy").
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "UncheckedSnapshot")]
 pub struct Snapshot {
     /// The directory run that made it (its start time in microseconds since
     /// the Unix epoch): a restarted directory counts indexes from 1 again,
     /// so an index alone cannot tell an old snapshot from a new one.
-    #[serde(default)]
     pub epoch: u64,
     /// Increases by one every time the content changes within one epoch.
     pub index: u64,
-    /// The routes commit this snapshot was built from, if any repo is set.
+    /// The routes commit this snapshot was built from, if any repo is set:
+    /// 7 to 64 lowercase hex digits.
     pub commit: Option<String>,
     /// True while the directory is younger than one TTL: its registry may
     /// still be filling, so subscribers must not remove backends from it.
-    #[serde(default)]
     pub warming: bool,
     pub services: BTreeMap<ServiceName, ServiceBackends>,
     /// Per-client overrides (a route's `clients:` entries): a sherlock whose
     /// client name is listed uses these services in place of the defaults.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub clients: BTreeMap<ClientName, BTreeMap<ServiceName, ServiceBackends>>,
     /// Things an operator should know (a version with no live instance...).
-    #[serde(default)]
     pub warnings: Vec<String>,
+}
+
+/// The largest snapshot body a client reads, and the largest `snapshot.json`
+/// sherlock loads: 64 MiB. A snapshot of 10,000 instances is about 1 MiB, so
+/// this leaves room for many per-client overrides while bounding what a
+/// forged or corrupt body can make a client buffer and decode.
+pub const MAX_SNAPSHOT_BYTES: usize = 64 << 20;
+/// The most services a snapshot (or one client's overrides) may hold.
+pub const MAX_SERVICES: usize = 10_000;
+/// The most backends one service may list.
+pub const MAX_BACKENDS_PER_SERVICE: usize = 10_000;
+/// The most backends a snapshot may list in all, client overrides included:
+/// decoded, each costs a few hundred bytes.
+pub const MAX_BACKENDS: usize = 200_000;
+/// The most clients with overrides a snapshot may hold.
+pub const MAX_CLIENTS: usize = 1_000;
+/// The most warnings a snapshot may carry.
+pub const MAX_WARNINGS: usize = 100_000;
+/// The longest warning, in bytes.
+pub const MAX_WARNING_BYTES: usize = 4_096;
+/// The largest HAProxy server weight (HAProxy's own limit; the same bound as
+/// `routes::weights::MAX_SERVER_WEIGHT`, which the model layer cannot import).
+pub const MAX_BACKEND_WEIGHT: u32 = 256;
+/// Epochs and indexes stay exact in JSON (2^53 - 1): an epoch in
+/// microseconds reaches it in the year 2255.
+pub const MAX_SNAPSHOT_NUMBER: u64 = (1 << 53) - 1;
+
+/// Why a snapshot was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the snapshot is larger than {limit} bytes, the most a client reads")]
+    TooLarge { limit: usize },
+    #[error("not a valid snapshot: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("epoch {0}: an epoch is 0 to 2^53 - 1 (microseconds since 1970)")]
+    Epoch(u64),
+    #[error("index {0}: an index is 1 to 2^53 - 1")]
+    Index(u64),
+    #[error("commit {0}: a commit is 7 to 64 lowercase hex digits")]
+    Commit(String),
+    #[error("{service}: backend {id} has weight {weight}; a weight is 0 to 256")]
+    Weight { service: String, id: InstanceId, weight: u32 },
+    #[error("{service}: backend {id} is listed twice")]
+    DuplicateBackend { service: String, id: InstanceId },
+    #[error("{0} backends in all; a snapshot holds at most {MAX_BACKENDS}")]
+    TooManyBackends(usize),
+    #[error("warning {index}: {why}")]
+    Warning { index: usize, why: String },
+}
+
+/// True for a git object id as the directory reports it: 7 to 64 lowercase
+/// hex digits (abbreviated, SHA-1 or SHA-256).
+pub fn is_commit(s: &str) -> bool {
+    (7..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A value quoted for an error message, cut short: a refused value may be
+/// megabytes long and hold anything.
+fn excerpt(s: &str) -> String {
+    const MAX: usize = 80;
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+        None => format!("{s:?}"),
+    }
+}
+
+/// The wire form of a [`Snapshot`], before [`Snapshot::check`]. Every list
+/// and map is bounded while it is read, so an oversized one fails at its
+/// first extra entry instead of after it has been decoded whole.
+#[derive(Deserialize)]
+struct UncheckedSnapshot {
+    /// Absent from directories older than epochs.
+    #[serde(default)]
+    epoch: u64,
+    index: u64,
+    commit: Option<String>,
+    #[serde(default)]
+    warming: bool,
+    #[serde(deserialize_with = "bounded::services")]
+    services: BTreeMap<ServiceName, ServiceBackends>,
+    #[serde(default, deserialize_with = "bounded::clients")]
+    clients: BTreeMap<ClientName, BTreeMap<ServiceName, ServiceBackends>>,
+    #[serde(default, deserialize_with = "bounded::warnings")]
+    warnings: Vec<String>,
+}
+
+impl TryFrom<UncheckedSnapshot> for Snapshot {
+    type Error = SnapshotError;
+    fn try_from(raw: UncheckedSnapshot) -> Result<Snapshot, SnapshotError> {
+        let snapshot = Snapshot {
+            epoch: raw.epoch,
+            index: raw.index,
+            commit: raw.commit,
+            warming: raw.warming,
+            services: raw.services,
+            clients: raw.clients,
+            warnings: raw.warnings,
+        };
+        snapshot.check()?;
+        Ok(snapshot)
+    }
+}
+
+/// Deserializers that count entries as they read them.
+mod bounded {
+    use std::collections::BTreeMap;
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+    use super::*;
+
+    /// A list of at most `max` items.
+    struct Seq<T> {
+        max: usize,
+        what: &'static str,
+        item: PhantomData<T>,
+    }
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Seq<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "a list of at most {} {}", self.max, self.what)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            // The size hint comes from the input: trust it only up to a page.
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.max).min(1024));
+            while let Some(item) = seq.next_element()? {
+                if out.len() == self.max {
+                    return Err(de::Error::custom(format!("more than {} {}; the most accepted", self.max, self.what)));
+                }
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+
+    /// A map of at most `max` entries, none of whose keys appears twice (a
+    /// JSON parser that kept the first of two would see another snapshot).
+    struct Map<K, V> {
+        max: usize,
+        what: &'static str,
+        entry: PhantomData<(K, V)>,
+    }
+
+    impl<'de, K: Deserialize<'de> + Ord + fmt::Display, V: Deserialize<'de>> Visitor<'de> for Map<K, V> {
+        type Value = BTreeMap<K, V>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "a map of at most {} {}", self.max, self.what)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<BTreeMap<K, V>, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((key, value)) = map.next_entry::<K, V>()? {
+                if out.len() == self.max {
+                    return Err(de::Error::custom(format!("more than {} {}; the most accepted", self.max, self.what)));
+                }
+                if out.contains_key(&key) {
+                    return Err(de::Error::custom(format!("{} {key} is listed twice", self.what)));
+                }
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+
+    fn seq<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+        max: usize,
+        what: &'static str,
+    ) -> Result<Vec<T>, D::Error> {
+        d.deserialize_seq(Seq { max, what, item: PhantomData })
+    }
+
+    fn map<'de, D, K, V>(d: D, max: usize, what: &'static str) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        K: Deserialize<'de> + Ord + fmt::Display,
+        V: Deserialize<'de>,
+    {
+        d.deserialize_map(Map { max, what, entry: PhantomData })
+    }
+
+    pub fn backends<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Backend>, D::Error> {
+        seq(d, MAX_BACKENDS_PER_SERVICE, "backends in one service")
+    }
+
+    pub fn warnings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        seq(d, MAX_WARNINGS, "warnings")
+    }
+
+    pub fn services<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<ServiceName, ServiceBackends>, D::Error> {
+        map(d, MAX_SERVICES, "services")
+    }
+
+    /// One client's services, bounded like the snapshot's own.
+    struct Services(BTreeMap<ServiceName, ServiceBackends>);
+
+    impl<'de> Deserialize<'de> for Services {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Services, D::Error> {
+            services(d).map(Services)
+        }
+    }
+
+    pub fn clients<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<ClientName, BTreeMap<ServiceName, ServiceBackends>>, D::Error> {
+        let clients: BTreeMap<ClientName, Services> = map(d, MAX_CLIENTS, "clients")?;
+        Ok(clients.into_iter().map(|(name, Services(services))| (name, services)).collect())
+    }
 }
 
 /// Which snapshot: (epoch, index), ordered by epoch, then index. Every
@@ -451,6 +667,65 @@ impl fmt::Display for SnapshotId {
 impl Snapshot {
     pub fn id(&self) -> SnapshotId {
         SnapshotId { epoch: self.epoch, index: self.index }
+    }
+
+    /// Decodes a snapshot from JSON, refusing a body over
+    /// [`MAX_SNAPSHOT_BYTES`] and any snapshot that fails [`Snapshot::check`].
+    pub fn from_json(body: &[u8]) -> Result<Snapshot, SnapshotError> {
+        if body.len() > MAX_SNAPSHOT_BYTES {
+            return Err(SnapshotError::TooLarge { limit: MAX_SNAPSHOT_BYTES });
+        }
+        Ok(serde_json::from_slice(body)?)
+    }
+
+    /// Every rule a snapshot keeps beyond its typed fields (names, versions,
+    /// ids and URLs are checked by their parsers as they are decoded, and
+    /// the sizes of lists and maps while they are read): sane numbers, a
+    /// commit id, weights HAProxy accepts, no backend listed twice in one
+    /// service, a bounded total, and warnings that fit on one line.
+    pub fn check(&self) -> Result<(), SnapshotError> {
+        if self.epoch > MAX_SNAPSHOT_NUMBER {
+            return Err(SnapshotError::Epoch(self.epoch));
+        }
+        if self.index == 0 || self.index > MAX_SNAPSHOT_NUMBER {
+            return Err(SnapshotError::Index(self.index));
+        }
+        if let Some(commit) = &self.commit {
+            if !is_commit(commit) {
+                return Err(SnapshotError::Commit(excerpt(commit)));
+            }
+        }
+        let lists =
+            self.services.iter().map(|(name, svc)| (name.to_string(), svc)).chain(self.clients.iter().flat_map(
+                |(client, services)| services.iter().map(move |(name, svc)| (format!("{name} (client {client})"), svc)),
+            ));
+        let mut total = 0;
+        for (service, svc) in lists {
+            total += svc.backends.len();
+            if total > MAX_BACKENDS {
+                return Err(SnapshotError::TooManyBackends(total));
+            }
+            let mut seen = std::collections::HashSet::with_capacity(svc.backends.len());
+            for b in &svc.backends {
+                if b.weight > MAX_BACKEND_WEIGHT {
+                    return Err(SnapshotError::Weight { service, id: b.id.clone(), weight: b.weight });
+                }
+                if !seen.insert(&b.id) {
+                    return Err(SnapshotError::DuplicateBackend { service, id: b.id.clone() });
+                }
+            }
+        }
+        for (index, warning) in self.warnings.iter().enumerate() {
+            let why = if warning.len() > MAX_WARNING_BYTES {
+                format!("{} bytes; a warning is at most {MAX_WARNING_BYTES}", warning.len())
+            } else if warning.contains(char::is_control) {
+                format!("{} holds a control character (a newline, an escape...)", excerpt(warning))
+            } else {
+                continue;
+            };
+            return Err(SnapshotError::Warning { index, why });
+        }
+        Ok(())
     }
 
     /// The snapshot as one client sees it: its own overrides in place of the
@@ -608,5 +883,193 @@ mod tests {
         let bad = r#"{"service":"Emitter","version":"v1","url":"http://vm101","ttl_ms":9000}"#;
         let err = serde_json::from_str::<Heartbeat>(bad).unwrap_err().to_string();
         assert!(err.contains("invalid service name"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    /// A valid snapshot in JSON, with `edit` applied to it first.
+    fn json(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut v = serde_json::json!({
+            "epoch": 1_700_000_000_000_000u64,
+            "index": 3,
+            "commit": "0123456789abcdef0123456789abcdef01234567",
+            "warming": false,
+            "services": {"emitter": {"backends": [
+                {"id": "emitter-v1-1", "url": "http://10.0.0.1:9001/emitter", "version": "v1", "weight": 256},
+                {"id": "emitter-v1-2", "url": "http://vm102/emitter", "version": "v1", "weight": 0}
+            ]}},
+            "clients": {"monolith": {"emitter": {"backends": []}}},
+            "warnings": ["emitter: version v2 has weight 10 but no live instance"]
+        });
+        edit(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    fn refused(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        match Snapshot::from_json(&json(edit)) {
+            Ok(s) => panic!("accepted {s:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_valid_snapshot_decodes_and_round_trips() {
+        let s = Snapshot::from_json(&json(|_| {})).unwrap();
+        assert_eq!(s.id(), SnapshotId { epoch: 1_700_000_000_000_000, index: 3 });
+        assert_eq!(s.services[&"emitter".parse().unwrap()].backends.len(), 2);
+        assert_eq!(Snapshot::from_json(&serde_json::to_vec(&s).unwrap()).unwrap(), s);
+        // What older directories leave out: epoch, warming, clients, warnings, commit.
+        let s = Snapshot::from_json(br#"{"index": 1, "services": {}}"#).unwrap();
+        assert_eq!((s.epoch, s.commit, s.warnings.len()), (0, None, 0));
+        // Unknown fields are a newer directory's, and are ignored.
+        assert!(Snapshot::from_json(&json(|v| v["delta"] = true.into())).is_ok());
+    }
+
+    #[test]
+    fn the_commit_is_hex() {
+        for ok in ["abcdef0", &"f".repeat(64)] {
+            assert!(Snapshot::from_json(&json(|v| v["commit"] = ok.into())).is_ok(), "{ok}");
+        }
+        for bad in ["abcdef", &"a".repeat(65), "ABCDEF0", "abcdefg", "abc1234\nprogram x", "abc1234#", " abc1234", ""] {
+            let err = refused(|v| v["commit"] = bad.into());
+            assert!(err.contains("a commit is 7 to 64 lowercase hex digits"), "{bad:?}: {err}");
+        }
+        let err = refused(|v| v["commit"] = "a".repeat(10_000).into());
+        assert!(err.contains("(10000 bytes)"), "a long value is cut short in the message: {err}");
+        assert!(err.len() < 300, "{err}");
+    }
+
+    #[test]
+    fn weights_are_0_to_256() {
+        let err = refused(|v| v["services"]["emitter"]["backends"][0]["weight"] = 257.into());
+        assert!(err.contains("emitter: backend emitter-v1-1 has weight 257; a weight is 0 to 256"), "{err}");
+        let err = refused(|v| {
+            v["clients"]["monolith"]["emitter"]["backends"] = v["services"]["emitter"]["backends"]
+                .clone()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    let mut b = b.clone();
+                    b["weight"] = 300.into();
+                    b
+                })
+                .collect()
+        });
+        assert!(err.contains("emitter (client monolith): backend emitter-v1-1 has weight 300"), "{err}");
+        for bad in
+            [serde_json::json!(-1), serde_json::json!(1.5), serde_json::json!("1"), serde_json::json!(1u64 << 33)]
+        {
+            refused(|v| v["services"]["emitter"]["backends"][0]["weight"] = bad);
+        }
+    }
+
+    #[test]
+    fn names_versions_ids_and_urls_are_parsed() {
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit, &str); 6] = [
+            ("service", |v| v["services"] = serde_json::json!({"Emitter\n": {"backends": []}}), "invalid service name"),
+            ("client", |v| v["clients"] = serde_json::json!({"a b": {}}), "invalid client name"),
+            ("id", |v| v["services"]["emitter"]["backends"][0]["id"] = "a#b".into(), "invalid instance id"),
+            ("version", |v| v["services"]["emitter"]["backends"][0]["version"] = "v1 x".into(), "invalid version"),
+            (
+                "url",
+                |v| v["services"]["emitter"]["backends"][0]["url"] = "http://h/a\nb".into(),
+                "invalid instance URL",
+            ),
+            ("url scheme", |v| v["services"]["emitter"]["backends"][0]["url"] = "https://h".into(), "only http://"),
+        ];
+        for (what, edit, want) in cases {
+            let err = refused(edit);
+            assert!(err.contains(want), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn epoch_and_index_are_sane() {
+        assert!(refused(|v| v["index"] = 0.into()).contains("index 0: an index is 1 to 2^53 - 1"));
+        assert!(refused(|v| v["index"] = (1u64 << 53).into()).contains("an index is 1 to 2^53 - 1"));
+        assert!(refused(|v| v["epoch"] = u64::MAX.into()).contains("an epoch is 0 to 2^53 - 1"));
+        assert!(refused(|v| v["index"] = (-1).into()).contains("not a valid snapshot"));
+        assert!(refused(|v| v["index"] = serde_json::Value::Null).contains("not a valid snapshot"));
+    }
+
+    #[test]
+    fn counts_are_bounded() {
+        let backend =
+            |n: usize| serde_json::json!({"id": format!("e-{n}"), "url": "http://h", "version": "v1", "weight": 1});
+        let err =
+            refused(|v| v["services"]["emitter"]["backends"] = (0..=MAX_BACKENDS_PER_SERVICE).map(backend).collect());
+        assert!(err.contains("more than 10000 backends in one service"), "{err}");
+        let err = refused(|v| {
+            v["services"] = (0..=MAX_SERVICES).map(|n| (format!("s{n}"), serde_json::json!({"backends": []}))).collect()
+        });
+        assert!(err.contains("more than 10000 services"), "{err}");
+        let err =
+            refused(|v| v["clients"] = (0..=MAX_CLIENTS).map(|n| (format!("c{n}"), serde_json::json!({}))).collect());
+        assert!(err.contains("more than 1000 clients"), "{err}");
+        let err = refused(|v| v["warnings"] = vec![""; MAX_WARNINGS + 1].into());
+        assert!(err.contains("more than 100000 warnings"), "{err}");
+        // 21 services of 10,000 backends each: each list is allowed, the
+        // total is not (built in memory: 210,000 in JSON are slow to make).
+        let full: Vec<Backend> =
+            (0..MAX_BACKENDS_PER_SERVICE).map(|n| serde_json::from_value(backend(n)).unwrap()).collect();
+        let mut s = Snapshot { index: 1, ..Snapshot::default() };
+        for n in 0..20 {
+            s.services.insert(format!("s{n}").parse().unwrap(), ServiceBackends { backends: full.clone() });
+        }
+        assert!(s.check().is_ok(), "200,000 in all is the limit");
+        s.clients.insert("c".parse().unwrap(), [("x".parse().unwrap(), ServiceBackends { backends: full })].into());
+        let err = s.check().unwrap_err().to_string();
+        assert!(err.contains("210000 backends in all; a snapshot holds at most 200000"), "{err}");
+    }
+
+    #[test]
+    fn a_backend_or_a_key_listed_twice_is_refused() {
+        let err = refused(|v| {
+            let b = v["services"]["emitter"]["backends"][0].clone();
+            v["services"]["emitter"]["backends"].as_array_mut().unwrap().push(b);
+        });
+        assert!(err.contains("emitter: backend emitter-v1-1 is listed twice"), "{err}");
+        let twice = br#"{"index": 1, "services": {"a": {"backends": []}, "a": {"backends": []}}}"#;
+        let err = Snapshot::from_json(twice).unwrap_err().to_string();
+        assert!(err.contains("services a is listed twice"), "{err}");
+    }
+
+    #[test]
+    fn warnings_are_one_bounded_line() {
+        let err = refused(|v| v["warnings"] = serde_json::json!(["ok", "a\nb"]));
+        assert!(err.contains("warning 1: \"a\\nb\" holds a control character"), "{err}");
+        let err = refused(|v| v["warnings"] = serde_json::json!(["\u{1b}[2J"]));
+        assert!(err.contains("control character"), "{err}");
+        let err = refused(|v| v["warnings"] = serde_json::json!(["x".repeat(MAX_WARNING_BYTES + 1)]));
+        assert!(err.contains("4097 bytes; a warning is at most 4096"), "{err}");
+        assert!(Snapshot::from_json(&json(|v| v["warnings"] = serde_json::json!(["é ünïcode # \"quoted\""]))).is_ok());
+    }
+
+    #[test]
+    fn the_body_is_size_bounded() {
+        let big = vec![b' '; MAX_SNAPSHOT_BYTES + 1];
+        let err = Snapshot::from_json(&big).unwrap_err().to_string();
+        assert!(err.contains("larger than 67108864 bytes"), "{err}");
+        for junk in [&b""[..], b"null", b"[]", b"{", b"\xff\xfe", b"{\"index\": 1}"] {
+            assert!(Snapshot::from_json(junk).is_err(), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn every_decode_path_is_checked() {
+        // serde_json::from_str (reqwest's .json(), any caller) goes through the same checks.
+        let bad = String::from_utf8(json(|v| v["commit"] = "abc1234\nprogram x".into())).unwrap();
+        let err = serde_json::from_str::<Snapshot>(&bad).unwrap_err().to_string();
+        assert!(err.contains("a commit is 7 to 64 lowercase hex digits"), "{err}");
+    }
+
+    #[test]
+    fn the_weight_bound_is_the_routes_one() {
+        assert_eq!(MAX_BACKEND_WEIGHT, crate::routes::weights::MAX_SERVER_WEIGHT);
     }
 }

@@ -94,7 +94,17 @@ impl Secured {
         std::fs::write(&auth_file, text).unwrap();
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let mut args = vec!["--listen", &listen, "--max-ttl", "3s", "--auth-file", auth_file.to_str().unwrap()];
+        let state = tmp.path().join("state");
+        let mut args = vec![
+            "--listen",
+            &listen,
+            "--max-ttl",
+            "3s",
+            "--auth-file",
+            auth_file.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let directory = Proc::start(tmp.path(), "directory", &args);
         let http =

@@ -10,7 +10,9 @@ use common::*;
 /// A directory on a free port in `dir`; its base URL and process.
 async fn directory(dir: &std::path::Path, extra: &[&str]) -> (String, Proc) {
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut args = vec!["--listen", listen.as_str()];
+    // In the test's temp dir: the default is a system dir for root.
+    let state = dir.join(format!("state-{}", listen.rsplit(':').next().unwrap()));
+    let mut args = vec!["--listen", listen.as_str(), "--state-dir", state.to_str().unwrap()];
     args.extend_from_slice(extra);
     let proc = Proc::start(dir, "directory", &args);
     let url = format!("http://{listen}");

@@ -557,7 +557,9 @@ async fn route_list_json_piped_to_head_does_not_panic_on_the_broken_pipe() {
 async fn lone_directory(dir: &Path, repo: &RoutesRepo, commit: git2::Oid) -> (String, Proc) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let directory = Proc::start(dir, "directory", &["--listen", &listen, "--repo", &repo.url(), "--poll", "1h"]);
+    let state = dir.join(format!("directory-{port}")).to_str().unwrap().to_string();
+    let args = ["--listen", &listen, "--repo", &repo.url(), "--poll", "1h", "--state-dir", &state];
+    let directory = Proc::start(dir, "directory", &args);
     let url = format!("http://{listen}");
     let http = reqwest::Client::new();
     let status = format!("{url}/v1/status");

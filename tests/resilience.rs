@@ -251,7 +251,9 @@ async fn sherlock_fails_over_to_the_next_directory() {
     let mut cluster = Cluster::start().await;
     let second_port = free_port();
     let listen = format!("127.0.0.1:{second_port}");
-    let _second = Proc::start(cluster.dir.path(), "directory", &["--listen", &listen, "--max-ttl", "3s"]);
+    let state = cluster.dir.path().join("second-directory").to_str().unwrap().to_string();
+    let _second =
+        Proc::start(cluster.dir.path(), "directory", &["--listen", &listen, "--max-ttl", "3s", "--state-dir", &state]);
     let first = cluster.directory_url();
     let second = format!("http://127.0.0.1:{second_port}");
     let port = free_port();

@@ -722,8 +722,14 @@ mod tests {
 
     #[tokio::test]
     async fn limits_are_429s_that_name_their_key() {
-        let limits =
-            Limits { instances: 3, instances_per_service: 2, sherlocks: 2, waiting_queries: 1, ..Limits::default() };
+        let limits = Limits {
+            instances: 4,
+            instances_per_service: 2,
+            services: 2,
+            sherlocks: 2,
+            waiting_queries: 1,
+            ..Limits::default()
+        };
         let (app, directory) = app_with(Auth::off(), vec![], limits);
         let put = |id: &'static str, service: &'static str, port: u16| {
             let app = app.clone();
@@ -741,7 +747,11 @@ mod tests {
         let (status, ack) = put("b1", "b", 4).await;
         assert_eq!(status, StatusCode::OK);
         let last = ack["index"].as_u64().unwrap();
-        let (status, json) = put("b2", "b", 5).await;
+        let (status, json) = put("c1", "c", 5).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(json["error"].as_str().unwrap().contains("limits.services"), "{json}");
+        assert_eq!(put("b2", "b", 6).await.0, StatusCode::OK);
+        let (status, json) = put("b3", "b", 7).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert!(json["error"].as_str().unwrap().contains("limits.instances)"), "{json}");
 

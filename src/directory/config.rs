@@ -38,8 +38,9 @@ pub struct Args {
     /// request needs a token [default: 127.0.0.1:7575].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Where the directory keeps its state (the routes mirror)
-    /// [default: a per-port folder in the temp dir].
+    /// Where the directory keeps its state (the routes mirror); made 0700,
+    /// refused if not this user's alone [default: /var/lib/dstack/directory
+    /// as root, else ~/.local/state/dstack/directory-PORT].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// The routes repo to follow: a URL git understands (ssh, https, file://)
@@ -203,10 +204,8 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
         .map(|a| a.parse::<DirectoryAddr>().map_err(|e| invalid(format!("-a/address: {e}"))))
         .transpose()?;
     let listen = args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("a valid default"));
-    let state_dir = args
-        .state_dir
-        .or(file.state_dir)
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("dstack-directory-{}", listen.port())));
+    let state_dir =
+        args.state_dir.or(file.state_dir).unwrap_or_else(|| default_state_dir(&StateEnv::current(), listen.port()));
     let poll = args.poll.or(file.poll.map(|s| s.0)).unwrap_or(DEFAULT_POLL);
     if poll < MIN_POLL {
         return Err(invalid(format!("--poll {}: use at least 100ms", humantime::format_duration(poll))));
@@ -264,6 +263,7 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
     let zero = [
         ("instances", limits.instances),
         ("instances_per_service", limits.instances_per_service),
+        ("services", limits.services),
         ("sherlocks", limits.sherlocks),
         ("waiting_queries", limits.waiting_queries),
         ("max_connections", limits.max_connections),
@@ -291,6 +291,57 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
         limits,
         tls,
     })
+}
+
+/// What the default state dir depends on; a parameter so tests give their own.
+#[derive(Debug, Clone)]
+pub struct StateEnv {
+    /// The effective user id: root gets the system's state dir.
+    pub uid: u32,
+    /// `$XDG_STATE_HOME`, where a user's programs keep state across reboots.
+    pub xdg_state_home: Option<PathBuf>,
+    /// `$HOME`, for XDG's default `~/.local/state`.
+    pub home: Option<PathBuf>,
+    /// The shared temp dir, the last resort.
+    pub temp_dir: PathBuf,
+}
+
+impl StateEnv {
+    /// This process's environment.
+    pub fn current() -> StateEnv {
+        StateEnv {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            uid: unsafe { libc::geteuid() },
+            xdg_state_home: std::env::var_os("XDG_STATE_HOME").map(PathBuf::from),
+            home: std::env::var_os("HOME").map(PathBuf::from),
+            temp_dir: std::env::temp_dir(),
+        }
+    }
+}
+
+/// The state dir when none is given: somewhere that survives a reboot and
+/// is this user's alone. `/var/lib/dstack/directory` for root
+/// (`/var/lib/dstack/directory-PORT` when not on the default port 7575, so
+/// two directories on one host stay apart); otherwise
+/// `$XDG_STATE_HOME/dstack/directory-PORT`, else
+/// `~/.local/state/dstack/directory-PORT`, and only with neither (or with
+/// relative paths, which the XDG spec says to ignore) a per-user name in the
+/// temp dir. The directory creates it 0700 and refuses it if it is not this
+/// user's alone (`private_dir`).
+pub fn default_state_dir(env: &StateEnv, port: u16) -> PathBuf {
+    if env.uid == 0 {
+        return match port {
+            crate::model::DEFAULT_DIRECTORY_PORT => PathBuf::from("/var/lib/dstack/directory"),
+            p => PathBuf::from(format!("/var/lib/dstack/directory-{p}")),
+        };
+    }
+    let absolute = |p: &Option<PathBuf>| p.clone().filter(|p| p.is_absolute());
+    let name = format!("directory-{port}");
+    match (absolute(&env.xdg_state_home), absolute(&env.home)) {
+        (Some(state), _) => state.join("dstack").join(name),
+        (None, Some(home)) => home.join(".local/state/dstack").join(name),
+        (None, None) => env.temp_dir.join(format!("dstack-directory-{}-{port}", env.uid)),
+    }
 }
 
 /// A folder inside the repo: relative, no `..`, no empty segment.
@@ -330,10 +381,27 @@ mod tests {
         assert_eq!(c.auth, AuthMode::Off { insecure: false }, "loopback alone needs no token (make demo)");
         assert_eq!(c.max_ttl, Duration::from_secs(10));
         assert!(c.repo.is_none());
-        assert!(c.state_dir.ends_with("dstack-directory-7575"));
+        assert_eq!(c.state_dir, default_state_dir(&StateEnv::current(), 7575));
         let c = resolve(args(&["--repo", "/srv/routes"]), None).unwrap();
         let repo = c.repo.unwrap();
         assert_eq!((repo.branch.as_str(), repo.routes_dir.as_str(), repo.poll), ("main", "routes", DEFAULT_POLL));
+    }
+
+    #[test]
+    fn the_default_state_dir_survives_a_reboot() {
+        let env = |uid, state: Option<&str>, home: Option<&str>| StateEnv {
+            uid,
+            xdg_state_home: state.map(PathBuf::from),
+            home: home.map(PathBuf::from),
+            temp_dir: PathBuf::from("/tmp"),
+        };
+        let dir = |e: StateEnv, port| default_state_dir(&e, port).display().to_string();
+        assert_eq!(dir(env(0, None, Some("/root")), 7575), "/var/lib/dstack/directory");
+        assert_eq!(dir(env(0, None, None), 9000), "/var/lib/dstack/directory-9000");
+        assert_eq!(dir(env(1000, Some("/s"), Some("/home/u")), 7575), "/s/dstack/directory-7575");
+        assert_eq!(dir(env(1000, None, Some("/home/u")), 7575), "/home/u/.local/state/dstack/directory-7575");
+        assert_eq!(dir(env(1000, Some("rel"), Some("/home/u")), 7575), "/home/u/.local/state/dstack/directory-7575");
+        assert_eq!(dir(env(1000, None, None), 7575), "/tmp/dstack-directory-1000-7575");
     }
 
     #[test]

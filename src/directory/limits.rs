@@ -23,6 +23,8 @@ pub struct Limits {
     pub instances: usize,
     /// Instances of one service.
     pub instances_per_service: usize,
+    /// Services with a live instance.
+    pub services: usize,
     /// Sherlocks remembered for `/v1/status`; the longest silent is
     /// forgotten first.
     pub sherlocks: usize,
@@ -38,10 +40,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        // Ten times the largest fleet measured (BENCHMARKS.md, scale).
+        // Ten times the largest fleet measured (BENCHMARKS.md, scale), and
+        // within what a sherlock accepts in one snapshot (model's limits).
         Limits {
             instances: 100_000,
-            instances_per_service: 20_000,
+            instances_per_service: 10_000,
+            services: 10_000,
             sherlocks: 10_000,
             waiting_queries: 20_000,
             // One per watson service and per sherlock (each keeps one alive).
@@ -153,6 +157,14 @@ pub fn check_address(addr: IpAddr, allowed: &[Network]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_fit_in_what_a_sherlock_accepts() {
+        let d = Limits::default();
+        assert!(d.instances_per_service <= crate::model::MAX_BACKENDS_PER_SERVICE);
+        assert!(d.instances <= crate::model::MAX_BACKENDS);
+        assert!(d.services <= crate::model::MAX_SERVICES);
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

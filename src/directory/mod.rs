@@ -304,7 +304,15 @@ impl Directory {
                 ))
                 .into());
             }
-            if inner.registry.count_of(&heartbeat.service) >= limits.instances_per_service {
+            let count = inner.registry.count_of(&heartbeat.service);
+            if count == 0 && inner.registry.service_count() >= limits.services {
+                return Err(Full(format!(
+                    "the directory holds {} services, its limit (limits.services); {} is not added",
+                    limits.services, heartbeat.service
+                ))
+                .into());
+            }
+            if count >= limits.instances_per_service {
                 return Err(Full(format!(
                     "{} has {} instances, the limit for one service (limits.instances_per_service)",
                     heartbeat.service, limits.instances_per_service
@@ -478,8 +486,9 @@ pub(crate) async fn publish_loop(directory: Arc<Directory>, shutdown: Cancellati
 /// Runs a directory until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     use anyhow::Context;
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating --state-dir {}", config.state_dir.display()))?;
+    // The routes mirror (and the cluster token) decide what traffic does:
+    // no one else may write them.
+    crate::private_dir::ensure(&config.state_dir, "--state-dir")?;
     let auth = setup_auth(&config)?;
     let tls = match config.tls.clone() {
         Some(files) => Some(Arc::new(crate::tls::ServerTls::load(files).context("serving HTTPS")?)),

@@ -69,6 +69,11 @@ impl Registry {
         }
     }
 
+    /// Services with a live instance.
+    pub fn service_count(&self) -> usize {
+        self.per_service.len()
+    }
+
     /// Live instances of `service`.
     pub fn count_of(&self, service: &ServiceName) -> usize {
         self.per_service.get(service).copied().unwrap_or(0)

@@ -361,17 +361,17 @@ impl Applier {
     /// Renders `snapshot` (or, if HAProxy rejects that, no services at
     /// all), puts it in place and starts HAProxy on it.
     pub async fn start_haproxy(&mut self, snapshot: &Snapshot) -> anyhow::Result<()> {
-        let paths = self.haproxy.paths.clone();
-        let mut config = self.renderer.render(&self.site, snapshot)?;
-        let mut applied = snapshot.clone();
-        write_atomic(&paths.config, &config).context("writing haproxy.cfg")?;
-        if let Err(e) = self.haproxy.check(&paths.config).await {
-            tracing::warn!(error = %e, "the saved snapshot does not render a valid config; starting empty");
-            applied = Snapshot::default();
-            config = self.renderer.render(&self.site, &applied)?;
-            write_atomic(&paths.config, &config).context("writing haproxy.cfg")?;
-            self.haproxy.check(&paths.config).await?;
-        }
+        let (config, applied) = match self.write_checked(snapshot).await {
+            Ok(config) => (config, snapshot.clone()),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "the saved snapshot does not render a valid config; starting empty"
+                );
+                let empty = Snapshot::default();
+                (self.write_checked(&empty).await?, empty)
+            }
+        };
         self.haproxy.start().await?;
         self.running_shape = runtime::Shape::of(&config);
         self.running = config;
@@ -379,6 +379,14 @@ impl Applier {
         self.draining.clear();
         self.shared.status.lock().unwrap().haproxy_running = true;
         Ok(())
+    }
+
+    /// Renders `snapshot` into haproxy.cfg and has HAProxy check it.
+    async fn write_checked(&self, snapshot: &Snapshot) -> anyhow::Result<String> {
+        let config = self.renderer.render(&self.site, snapshot)?;
+        write_atomic(&self.haproxy.paths.config, &config).context("writing haproxy.cfg")?;
+        self.haproxy.check(&self.haproxy.paths.config).await?;
+        Ok(config)
     }
 
     /// Restarts a dead HAProxy on the config in place (which always matches

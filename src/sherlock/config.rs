@@ -35,8 +35,9 @@ pub struct Args {
     /// Where HAProxy listens for this host's clients [default: 127.0.0.1:8000].
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Holds haproxy.cfg, HAProxy's sockets and the last snapshot
-    /// [default: a per-port folder in the temp dir].
+    /// Holds haproxy.cfg, HAProxy's sockets and the last snapshot; made 0700,
+    /// refused if not this user's alone [default: /run/dstack/sherlock as
+    /// root, else $XDG_RUNTIME_DIR/dstack/sherlock-PORT].
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// The HAProxy binary [default: haproxy on the PATH].
@@ -203,10 +204,7 @@ pub fn resolve(args: Args, file: Option<FileConfig>, host: &str) -> Result<Confi
         return Err(invalid("-d: give at least one directory, e.g. -d //services/directory".into()));
     }
     let listen = args.listen.or(file.listen).unwrap_or(DEFAULT_LISTEN);
-    let run_dir = args
-        .run_dir
-        .or(file.run_dir)
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("dstack-sherlock-{}", listen.port())));
+    let run_dir = args.run_dir.or(file.run_dir).unwrap_or_else(|| default_run_dir(&RunEnv::current(), listen.port()));
     if run_dir.join("master.sock").as_os_str().len() > MAX_SOCKET_PATH {
         return Err(invalid(format!(
             "--run-dir {}: too long for a unix socket path; use a shorter one",
@@ -245,6 +243,49 @@ pub fn resolve(args: Args, file: Option<FileConfig>, host: &str) -> Result<Confi
     Ok(Config { directories, listen, run_dir, haproxy, template, name, client, admin, mode, coalesce, token, tls })
 }
 
+/// What the default run dir depends on; a parameter so tests give their own.
+#[derive(Debug, Clone)]
+pub struct RunEnv {
+    /// The effective user id: root gets the system's run dir.
+    pub uid: u32,
+    /// `$XDG_RUNTIME_DIR`: the user's own runtime dir (0700, emptied at logout).
+    pub xdg_runtime_dir: Option<PathBuf>,
+    /// The shared temp dir, the last resort.
+    pub temp_dir: PathBuf,
+}
+
+impl RunEnv {
+    /// This process's environment.
+    pub fn current() -> RunEnv {
+        RunEnv {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            uid: unsafe { libc::geteuid() },
+            xdg_runtime_dir: std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from),
+            temp_dir: std::env::temp_dir(),
+        }
+    }
+}
+
+/// The run dir when none is given, out of the shared temp dir where it can
+/// be: `/run/dstack/sherlock` for root (`/run/dstack/sherlock-PORT` when not
+/// on the default port 8000, so two sherlocks on one host stay apart),
+/// `$XDG_RUNTIME_DIR/dstack/sherlock-PORT` for other users, and only when
+/// that is unset (or not absolute, which the XDG spec says to ignore) a
+/// per-user name in the temp dir. Whichever it is, sherlock creates it 0700
+/// and refuses it if it is not this user's alone (`private_dir`).
+pub fn default_run_dir(env: &RunEnv, port: u16) -> PathBuf {
+    if env.uid == 0 {
+        return match port {
+            p if p == DEFAULT_LISTEN.port() => PathBuf::from("/run/dstack/sherlock"),
+            p => PathBuf::from(format!("/run/dstack/sherlock-{p}")),
+        };
+    }
+    match env.xdg_runtime_dir.as_deref().filter(|d| d.is_absolute()) {
+        Some(xdg) => xdg.join("dstack").join(format!("sherlock-{port}")),
+        None => env.temp_dir.join(format!("dstack-sherlock-{}-{port}", env.uid)),
+    }
+}
+
 /// For tests and callers that build a config file by hand.
 pub fn parse_file(path: &Path, yaml: &str) -> Result<FileConfig, FileError> {
     config_file::parse(path, yaml)
@@ -272,10 +313,26 @@ mod tests {
         assert_eq!((c.mode, c.coalesce), (ApplyMode::Runtime, DEFAULT_COALESCE));
         assert_eq!(c.client.as_str(), "main.example.com", "the client defaults to the host name");
         assert_eq!(c.name.as_str(), "main.example.com-8000");
-        assert!(c.run_dir.ends_with("dstack-sherlock-8000"));
+        assert_eq!(c.run_dir, default_run_dir(&RunEnv::current(), 8000));
         let long_host = "h".repeat(100);
         let c = resolve(args(&["-d", "d"]), None, &long_host).unwrap();
         assert_eq!(c.client.as_str(), "default", "a host name that is no client name");
+    }
+
+    #[test]
+    fn the_default_run_dir_is_out_of_the_shared_temp_dir() {
+        let env = |uid, xdg: Option<&str>| RunEnv {
+            uid,
+            xdg_runtime_dir: xdg.map(PathBuf::from),
+            temp_dir: PathBuf::from("/tmp"),
+        };
+        let run = |e: RunEnv, port| default_run_dir(&e, port).display().to_string();
+        assert_eq!(run(env(0, Some("/run/user/0")), 8000), "/run/dstack/sherlock");
+        assert_eq!(run(env(0, None), 9000), "/run/dstack/sherlock-9000");
+        assert_eq!(run(env(1000, Some("/run/user/1000")), 8000), "/run/user/1000/dstack/sherlock-8000");
+        assert_eq!(run(env(1000, None), 8000), "/tmp/dstack-sherlock-1000-8000");
+        assert_eq!(run(env(1000, Some("relative")), 8000), "/tmp/dstack-sherlock-1000-8000");
+        assert_eq!(run(env(1000, Some("")), 8000), "/tmp/dstack-sherlock-1000-8000");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{Snapshot, SnapshotId};
+use crate::model::{Snapshot, SnapshotError, SnapshotId, MAX_SNAPSHOT_BYTES};
 use applier::Applier;
 pub use config::{ApplyMode, Config};
 use haproxy::{Haproxy, Paths};
@@ -41,15 +41,42 @@ async fn sleep_until(at: Option<std::time::Instant>) {
     }
 }
 
+/// Reads the snapshot saved by the last run: None when there is none, an
+/// error when it is larger than a snapshot may be or fails its checks.
+fn load_saved(path: &std::path::Path) -> Result<Option<Snapshot>, SavedError> {
+    use std::io::Read as _;
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    // One byte over the limit is enough to refuse it, whatever its size.
+    let mut body = Vec::new();
+    file.take(MAX_SNAPSHOT_BYTES as u64 + 1).read_to_end(&mut body)?;
+    Ok(Some(Snapshot::from_json(&body)?))
+}
+
+/// Why the saved snapshot was not served.
+#[derive(Debug, thiserror::Error)]
+enum SavedError {
+    #[error("cannot read it: {0}")]
+    Read(#[from] std::io::Error),
+    #[error(transparent)]
+    Refused(#[from] SnapshotError),
+}
+
 /// Runs sherlock until `shutdown`, then stops its HAProxy.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.run_dir)
-        .with_context(|| format!("creating --run-dir {}", config.run_dir.display()))?;
+    // Whoever can write the run dir can plant the snapshot served at start
+    // or replace HAProxy's sockets: it is this user's alone.
+    crate::private_dir::ensure(&config.run_dir, "--run-dir")?;
     // HAProxy reads a relative socket path as host:port: make it absolute.
-    let run_dir = std::fs::canonicalize(&config.run_dir)?;
+    let run_dir =
+        std::fs::canonicalize(&config.run_dir).with_context(|| format!("--run-dir {}", config.run_dir.display()))?;
     let paths = Paths::new(&run_dir);
     let renderer = Renderer::new(config.template.as_deref())?;
     let site = Site { bind: config.listen.to_string(), admin_socket: paths.admin_socket.clone() };
+    render::check_site(&site)?;
     let shared = Arc::new(admin::Shared::default());
     {
         let mut status = shared.status.lock().unwrap();
@@ -70,11 +97,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None => None,
     };
 
-    // Fail static across restarts: serve the last applied snapshot at once.
-    let cached: Snapshot = std::fs::read_to_string(run_dir.join("snapshot.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
+    // Fail static across restarts: serve the last applied snapshot at once,
+    // if it passes the checks a directory's snapshot gets.
+    let saved = run_dir.join("snapshot.json");
+    let cached = match load_saved(&saved) {
+        Ok(Some(snapshot)) => {
+            tracing::info!(file = %saved.display(), index = snapshot.index, "serving the saved snapshot until the directory answers");
+            snapshot
+        }
+        Ok(None) => Snapshot::default(),
+        Err(e) => {
+            let e = format!("{}: {e}", saved.display());
+            tracing::error!(error = %e, "saved snapshot refused; starting with no services");
+            shared.status.lock().unwrap().last_error = Some(format!("saved snapshot refused: {e}"));
+            Snapshot::default()
+        }
+    };
     let (applied_tx, applied_rx) = watch::channel(SnapshotId::default());
     let haproxy = Haproxy::new(config.haproxy.clone(), paths);
     let mut applier = Applier::new(

@@ -2,13 +2,45 @@
 //!
 //! This is the only renderer: sherlock applies what it renders, and `dw plan`
 //! shows the diff of the same rendering.
+//!
+//! # Nothing but the template's own lines
+//!
+//! A snapshot comes from the network (or from a file at start), and HAProxy
+//! runs what `haproxy.cfg` says, `program` sections included. So the
+//! rendered config is checked three ways before anyone writes it:
+//!
+//! 1. **Every value is checked against its grammar as it reaches the
+//!    renderer** ([`check_site`], and the services in `render`): the commit
+//!    is hex, names and ids are the model's, paths and addresses are an
+//!    instance URL's, weights are 0..=256. The snapshot was checked when it
+//!    was decoded; this holds even for values that reach the renderer some
+//!    other way, and states the renderer's own contract.
+//! 2. **Every value the template prints is checked where it is printed**
+//!    (the environment's formatter, which minijinja calls for every
+//!    `{{ ... }}`, filters and filter blocks included): it may hold no
+//!    whitespace, control character (newline, CR, NUL), `#`, quote or
+//!    backslash. So a value can start no line, no comment and no extra
+//!    argument, whatever a user `--template` does with it, and every line
+//!    break in the output is one the template's own text wrote: the
+//!    rendered config has exactly the lines the template alone produces.
+//!    This is the check user templates get; it is structural (it does not
+//!    guess at HAProxy's keywords) and costs one scan of each value.
+//! 3. **For the built-in template, every output line must have one of the
+//!    template's own line shapes** ([`LineShapes`], derived from the
+//!    template's source, so it never goes stale): each source line is its
+//!    literal text with a hole per `{{ ... }}` (inline `{% if %}` parts
+//!    optional), and a hole matches only characters a value may hold. No
+//!    rendered line can be outside what the template's lines allow. User
+//!    templates get checks 1 and 2 only: their inline control flow may be
+//!    anything minijinja accepts, which line shapes cannot follow.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use minijinja::Environment;
+use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
 
-use crate::model::Snapshot;
+use crate::model::{is_commit, InstanceId, InstanceUrl, ServiceName, Snapshot, MAX_BACKEND_WEIGHT};
 
 /// The built-in template.
 pub const DEFAULT_TEMPLATE: &str = include_str!("../../templates/haproxy.cfg.j2");
@@ -27,6 +59,263 @@ pub enum RenderError {
         #[source]
         source: minijinja::Error,
     },
+    #[error("refusing to render haproxy.cfg: {0}")]
+    Value(String),
+    #[error("refusing to write haproxy.cfg: its line {line} is not one the built-in template makes: {text}")]
+    Line { line: usize, text: String },
+}
+
+/// True for a character a printed value may hold: none that could end a
+/// line, start a comment, quote, escape, or split an argument in two.
+fn value_char(c: char) -> bool {
+    !(c.is_whitespace() || c.is_control() || matches!(c, '#' | '"' | '\'' | '\\'))
+}
+
+/// A value quoted for an error message, cut short.
+fn excerpt(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        Some((cut, _)) => format!("{:?}...", &s[..cut]),
+        None => format!("{s:?}"),
+    }
+}
+
+/// The formatter of every `{{ ... }}`: prints the value if every character
+/// of it may be printed (see the module's doc), else fails the render.
+fn checked_format(out: &mut minijinja::Output, _: &minijinja::State, value: &Value) -> Result<(), minijinja::Error> {
+    // Strings, most of what a config prints, are checked without a copy.
+    let owned;
+    let text = match value.as_str() {
+        Some(text) => text,
+        None => {
+            owned = value.to_string();
+            &owned
+        }
+    };
+    if let Some(bad) = text.chars().find(|c| !value_char(*c)) {
+        return Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "the value {} holds {bad:?}: a printed value may not hold whitespace, a control character, \
+                 '#', a quote or a backslash (write such text in the template itself)",
+                excerpt(text)
+            ),
+        ));
+    }
+    out.write_str(text).map_err(minijinja::Error::from)
+}
+
+/// The characters a socket path may hold: HAProxy reads it unquoted.
+fn socket_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '~' | '+' | '@' | ',' | '=')
+}
+
+/// Checks what a sherlock renders into every config: the bind address and
+/// the admin socket path (from its run dir).
+pub fn check_site(site: &Site) -> Result<(), RenderError> {
+    if site.bind.parse::<std::net::SocketAddr>().is_err() {
+        return Err(RenderError::Value(format!("the bind address {} is not host:port", excerpt(&site.bind))));
+    }
+    let socket = site.admin_socket.to_str().unwrap_or("");
+    if !site.admin_socket.is_absolute() || socket.is_empty() || !socket.chars().all(socket_path_char) {
+        return Err(RenderError::Value(format!(
+            "the admin socket path {}: HAProxy reads it unquoted, so it must be absolute and hold only \
+             A-Z a-z 0-9 / . _ - ~ + @ , = (choose another --run-dir)",
+            excerpt(&site.admin_socket.display().to_string())
+        )));
+    }
+    Ok(())
+}
+
+/// Checks each service's values against the grammar of the model type it
+/// came from: the renderer's contract, whoever built the views.
+fn check_services(services: &[ServiceView]) -> Result<(), RenderError> {
+    let bad = |what: &str, value: &str| RenderError::Value(format!("{what} {} is not valid", excerpt(value)));
+    for s in services {
+        if s.name.parse::<ServiceName>().map_or(true, |n| n.as_str() != s.name) {
+            return Err(bad("service name", &s.name));
+        }
+        let path_ok =
+            s.path.is_empty() || format!("http://h{}", s.path).parse::<InstanceUrl>().is_ok_and(|u| u.path() == s.path);
+        if !path_ok {
+            return Err(bad(&format!("{}: the instance path", s.name), &s.path));
+        }
+        for b in &s.backends {
+            if b.name.parse::<InstanceId>().map_or(true, |id| id.as_str() != b.name) {
+                return Err(bad(&format!("{}: server name", s.name), &b.name));
+            }
+            if format!("http://{}", b.address).parse::<InstanceUrl>().map_or(true, |u| u.authority() != b.address) {
+                return Err(bad(&format!("{}: server {} address", s.name, b.name), &b.address));
+            }
+            if b.weight > MAX_BACKEND_WEIGHT {
+                return Err(RenderError::Value(format!(
+                    "{}: server {} has weight {}; a weight is 0 to 256",
+                    s.name, b.name, b.weight
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One piece of a line shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    /// The template's own text, matched exactly.
+    Text(String),
+    /// Where a `{{ ... }}` printed a value: one or more value characters.
+    Hole,
+}
+
+/// The lines a template can produce: each source line with a hole for
+/// every printed value, and both ways of every inline `{% if %}`.
+#[derive(Debug, Clone, Default)]
+pub struct LineShapes {
+    /// Lines with no hole, matched whole.
+    fixed: HashSet<String>,
+    /// Lines with holes.
+    shapes: Vec<Vec<Piece>>,
+}
+
+/// One token of a template source line.
+enum Token {
+    Text(String),
+    Hole,
+    If,
+    EndIf,
+}
+
+impl LineShapes {
+    /// The shapes of `template`'s lines. Lines holding only tags (`{% for %}`,
+    /// a block `{% if %}`, `{% else %}`) or comments render nothing of their
+    /// own and are skipped; a line mixing text with any tag but `{% for %}`,
+    /// `{% endfor %}` and a balanced inline `{% if %}...{% endif %}` is
+    /// refused, since its output could not be predicted.
+    pub fn of(template: &str) -> Result<LineShapes, String> {
+        let mut out = LineShapes::default();
+        for (n, line) in template.lines().enumerate() {
+            let at = |e: String| format!("line {}: {e}", n + 1);
+            let (tokens, other_tag) = Self::tokens(line).map_err(at)?;
+            let has_output = tokens.iter().any(|t| matches!(t, Token::Text(_) | Token::Hole));
+            if !has_output {
+                if line.trim().is_empty() {
+                    out.fixed.insert(String::new());
+                }
+                continue;
+            }
+            if let Some(tag) = other_tag {
+                return Err(at(format!("the tag {{% {tag} %}} shares a line with text")));
+            }
+            for pieces in Self::variants(&mut tokens.iter(), false).map_err(at)? {
+                match pieces.as_slice() {
+                    [] => out.fixed.insert(String::new()),
+                    [Piece::Text(text)] => out.fixed.insert(text.clone()),
+                    _ => {
+                        out.shapes.push(pieces);
+                        true
+                    }
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    /// The tokens of one source line, and the first tag it holds that is
+    /// not `if`, `endif`, `for` or `endfor`.
+    fn tokens(line: &str) -> Result<(Vec<Token>, Option<String>), String> {
+        let mut tokens = Vec::new();
+        let mut other = None;
+        let mut rest = line;
+        while let Some(at) = ["{{", "{%", "{#"].iter().filter_map(|open| rest.find(open)).min() {
+            if at > 0 {
+                tokens.push(Token::Text(rest[..at].to_string()));
+            }
+            let (open, close) = match &rest[at..at + 2] {
+                "{{" => ("{{", "}}"),
+                "{%" => ("{%", "%}"),
+                _ => ("{#", "#}"),
+            };
+            let end = rest[at..].find(close).ok_or_else(|| format!("{open} without {close} on the same line"))?;
+            let inner = rest[at + 2..at + end].trim_matches(|c: char| c == '-' || c.is_whitespace());
+            match open {
+                "{{" => tokens.push(Token::Hole),
+                "{%" if inner.starts_with("if ") => tokens.push(Token::If),
+                "{%" if inner == "endif" => tokens.push(Token::EndIf),
+                "{%" if inner.starts_with("for ") || inner == "endfor" => {}
+                "{%" => {
+                    other.get_or_insert_with(|| inner.to_string());
+                }
+                _ => {}
+            }
+            rest = &rest[at + end + 2..];
+        }
+        if !rest.is_empty() {
+            tokens.push(Token::Text(rest.to_string()));
+        }
+        Ok((tokens, other))
+    }
+
+    /// Every way through the tokens up to the matching `{% endif %}` (when
+    /// `nested`) or the end of the line.
+    fn variants(tokens: &mut std::slice::Iter<Token>, nested: bool) -> Result<Vec<Vec<Piece>>, String> {
+        let mut all: Vec<Vec<Piece>> = vec![Vec::new()];
+        while let Some(token) = tokens.next() {
+            match token {
+                Token::Text(text) => all.iter_mut().for_each(|v| push(v, Piece::Text(text.clone()))),
+                Token::Hole => all.iter_mut().for_each(|v| push(v, Piece::Hole)),
+                Token::If => {
+                    let inner = Self::variants(tokens, true)?;
+                    let mut next = Vec::new();
+                    for v in &all {
+                        next.push(v.clone());
+                        for i in &inner {
+                            let mut joined = v.clone();
+                            i.iter().cloned().for_each(|p| push(&mut joined, p));
+                            next.push(joined);
+                        }
+                    }
+                    all = next;
+                }
+                Token::EndIf if nested => return Ok(all),
+                Token::EndIf => return Err("{% endif %} without {% if %} on the same line".into()),
+            }
+        }
+        if nested {
+            return Err("{% if %} without {% endif %} on the same line".into());
+        }
+        Ok(all)
+    }
+
+    /// Checks that every line of `config` has one of the shapes.
+    pub fn check(&self, config: &str) -> Result<(), RenderError> {
+        for (n, line) in config.split_terminator('\n').enumerate() {
+            if !self.fixed.contains(line) && !self.shapes.iter().any(|s| fits(s, line)) {
+                return Err(RenderError::Line { line: n + 1, text: excerpt(line) });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends a piece, joining neighbours of a kind (two holes side by side
+/// match what one does).
+fn push(pieces: &mut Vec<Piece>, piece: Piece) {
+    match (pieces.last_mut(), piece) {
+        (Some(Piece::Text(last)), Piece::Text(text)) => last.push_str(&text),
+        (Some(Piece::Hole), Piece::Hole) => {}
+        (_, piece) => pieces.push(piece),
+    }
+}
+
+/// True when `line` has the shape `pieces`.
+fn fits(pieces: &[Piece], line: &str) -> bool {
+    match pieces.split_first() {
+        None => line.is_empty(),
+        Some((Piece::Text(text), rest)) => line.strip_prefix(text.as_str()).is_some_and(|l| fits(rest, l)),
+        Some((Piece::Hole, rest)) => {
+            let run = line.char_indices().find(|(_, c)| !value_char(*c)).map_or(line.len(), |(i, _)| i);
+            (1..=run).rev().filter(|i| line.is_char_boundary(*i)).any(|i| fits(rest, &line[i..]))
+        }
+    }
 }
 
 /// Where the rendered config lives and listens; fixed for a sherlock's life.
@@ -94,6 +383,8 @@ pub fn services(snapshot: &Snapshot) -> Vec<ServiceView> {
 pub struct Renderer {
     env: Environment<'static>,
     name: String,
+    /// The built-in template's line shapes; None for a user template.
+    shapes: Option<LineShapes>,
 }
 
 impl Renderer {
@@ -105,24 +396,45 @@ impl Renderer {
             ),
             None => ("haproxy.cfg.j2".to_string(), DEFAULT_TEMPLATE.to_string()),
         };
+        let shapes = match template {
+            Some(_) => None,
+            None => Some(LineShapes::of(DEFAULT_TEMPLATE).expect("the built-in template's lines have shapes (tested)")),
+        };
         let mut env = Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.set_keep_trailing_newline(true);
+        // A config is no HTML: no escaping, whatever the file's name; the
+        // formatter checks every printed value instead.
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        env.set_formatter(checked_format);
         env.add_template_owned(name.clone(), source)
             .map_err(|source| RenderError::Template { name: name.clone(), source })?;
-        Ok(Renderer { env, name })
+        Ok(Renderer { env, name, shapes })
     }
 
+    /// Renders `snapshot`, checked as the module's doc says: a value outside
+    /// its grammar or a line outside the template's is an error, and nothing
+    /// is rendered.
     pub fn render(&self, site: &Site, snapshot: &Snapshot) -> Result<String, RenderError> {
+        if let Some(commit) = snapshot.commit.as_deref().filter(|c| !is_commit(c)) {
+            return Err(RenderError::Value(format!("commit {}: not 7 to 64 lowercase hex digits", excerpt(commit))));
+        }
+        check_site(site)?;
+        let services = services(snapshot);
+        check_services(&services)?;
         let ctx = Context {
             index: snapshot.index,
             commit: snapshot.commit.as_deref(),
             bind: &site.bind,
             admin_socket: site.admin_socket.display().to_string(),
-            services: services(snapshot),
+            services,
         };
         let err = |source| RenderError::Template { name: self.name.clone(), source };
-        self.env.get_template(&self.name).map_err(err)?.render(ctx).map_err(err)
+        let config = self.env.get_template(&self.name).map_err(err)?.render(ctx).map_err(err)?;
+        if let Some(shapes) = &self.shapes {
+            shapes.check(&config)?;
+        }
+        Ok(config)
     }
 }
 
@@ -202,6 +514,113 @@ mod tests {
         let d = diff(&a, &r.render(&site(), &next).unwrap()).unwrap();
         assert!(d.contains("-    server emitter-v1-0001 10.0.0.1:9001 weight 1"), "{d}");
         assert!(d.contains("+    server emitter-v1-0001 10.0.0.1:9001 weight 3"), "{d}");
+    }
+
+    #[test]
+    fn the_built_in_template_has_line_shapes() {
+        let shapes = LineShapes::of(DEFAULT_TEMPLATE).unwrap();
+        assert!(shapes.fixed.contains("    option redispatch 1"));
+        assert!(shapes.fixed.contains(""), "blank lines");
+        let ok = [
+            "# Rendered by dstack sherlock from snapshot 7.",
+            "# Rendered by dstack sherlock from snapshot 7 (routes commit abc1234).",
+            "    server emitter-v1-0001 10.0.0.1:9001 weight 1",
+            "    use_backend svc_a if { path /a } || { path_beg /a/ }",
+            "    http-request replace-path ^/a(/.*)?$ /p/q\\1",
+        ];
+        for line in ok {
+            assert!(shapes.check(line).is_ok(), "{line}");
+        }
+        let bad = [
+            "program evil",
+            "    command touch /tmp/x",
+            "# Rendered by dstack sherlock from snapshot 7 (routes commit abc1234",
+            "    server a 10.0.0.1:9001 weight 1 check",
+            "    server a 10.0.0.1:9001 weight 1#",
+            "    server a\t10.0.0.1:9001 weight 1",
+            "    server a \"x\" weight 1",
+            "    bind 127.0.0.1:8000 ssl crt /x",
+            "backend svc_a\r",
+            "global x",
+        ];
+        for line in bad {
+            let err = shapes.check(&format!("global\n{line}\n")).unwrap_err().to_string();
+            assert!(err.contains("its line 2 is not one the built-in template makes"), "{line:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn line_shapes_refuse_what_they_cannot_follow() {
+        assert!(LineShapes::of("a {% if x %}b").unwrap_err().contains("line 1: {% if %} without {% endif %}"));
+        assert!(LineShapes::of("x\na {% endif %}").unwrap_err().contains("line 2: {% endif %} without"));
+        assert!(LineShapes::of("a {% set x = 1 %}").unwrap_err().contains("the tag {% set x = 1 %} shares a line"));
+        assert!(LineShapes::of("a {{ x").unwrap_err().contains("{{ without }}"));
+        let shapes = LineShapes::of("{% for x in y %}\n{# c #}\nk {{ x }}{% if z %} {{ z }}{% endif %};\n").unwrap();
+        assert!(shapes.check("k 1;\nk 1 2;\n").is_ok());
+        assert!(shapes.check("\n").is_err(), "no blank line in that template");
+    }
+
+    #[test]
+    fn values_outside_their_grammar_are_refused() {
+        let r = Renderer::new(None).unwrap();
+        let mut s = sample_snapshot();
+        s.commit = Some("abc1234\nprogram evil".into());
+        let err = r.render(&site(), &s).unwrap_err().to_string();
+        assert!(err.contains("commit \"abc1234\\nprogram evil\": not 7 to 64 lowercase hex digits"), "{err}");
+        let mut s = sample_snapshot();
+        s.services.values_mut().next().unwrap().backends[0].weight = 300;
+        let err = r.render(&site(), &s).unwrap_err().to_string();
+        assert!(err.contains("server emitter-v1-0001 has weight 300"), "{err}");
+        let bad_site = Site { bind: "127.0.0.1:8000".into(), admin_socket: "/run/my dir/admin.sock".into() };
+        let err = r.render(&bad_site, &sample_snapshot()).unwrap_err().to_string();
+        assert!(err.contains("the admin socket path \"/run/my dir/admin.sock\": HAProxy reads it unquoted"), "{err}");
+        let bad_site = Site { bind: "127.0.0.1:8000 ssl".into(), ..site() };
+        assert!(r.render(&bad_site, &sample_snapshot()).is_err());
+        let view = |name: &str, path: &str, server: &str, address: &str| ServiceView {
+            name: name.into(),
+            path: path.into(),
+            backends: vec![ServerView { name: server.into(), address: address.into(), weight: 1 }],
+        };
+        assert!(check_services(&[view("a", "/p", "a-1", "h:80")]).is_ok());
+        for (v, want) in [
+            (view("a\n", "", "a-1", "h:80"), "service name"),
+            (view("//x/a", "", "a-1", "h:80"), "service name"),
+            (view("a", "/p q", "a-1", "h:80"), "a: the instance path"),
+            (view("a", "p", "a-1", "h:80"), "a: the instance path"),
+            (view("a", "", "a#1", "h:80"), "a: server name"),
+            (view("a", "", "a-1", "h:80 check"), "a: server a-1 address"),
+            (view("a", "", "a-1", "h"), "a: server a-1 address"),
+        ] {
+            let err = check_services(&[v]).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_user_template_cannot_print_a_line_break_or_a_comment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("user.html");
+        let render = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Renderer::new(Some(&path)).unwrap().render(&site(), &sample_snapshot())
+        };
+        // Its own lines, values in them, and values through filters are fine;
+        // no HTML escaping for all the file's name.
+        let ok = render("bind {{ bind }}\n{% for s in services %}x {{ s.name | upper }} {{ s.backends | length }}\n{% endfor %}<&>\n");
+        assert_eq!(ok.unwrap(), "bind 127.0.0.1:8000\nx EMITTER 2\nx TRANSFORM 1\n<&>\n");
+        for (text, holds) in [
+            ("{{ bind ~ '\\n' }}", "'\\n'"),
+            ("{{ bind ~ ' weight 9' }}", "' '"),
+            ("{{ bind ~ '#' }}", "'#'"),
+            ("{{ '\"' }}", "'\"'"),
+            ("{{ '\\0' }}", "'\\0'"),
+            ("{{ '\\r' }}", "'\\r'"),
+            ("{% filter replace('x', '\\n') %}x{% endfilter %}", "'\\n'"),
+            ("{{ services[0] }}", "'\"'"),
+        ] {
+            let err = render(text).unwrap_err().to_string();
+            assert!(err.contains(&format!("holds {holds}: a printed value may not hold whitespace")), "{text}: {err}");
+        }
     }
 
     #[test]

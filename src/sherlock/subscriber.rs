@@ -1,6 +1,10 @@
 //! The subscriber: long-polls the directories for the snapshot, failing
 //! over from one to the next, and drops each new snapshot into a `watch`
 //! channel (which keeps only the newest, so a burst is applied once).
+//!
+//! Only checked snapshots reach the channel: the client decodes each with
+//! every check of `Snapshot::from_json`, and a refused one is logged, shown
+//! in `/status` as `last_error`, and never applied.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::admin;
 use super::config::Config;
 use crate::backoff::Backoff;
-use crate::client::DirectoryClient;
+use crate::client::{ClientError, DirectoryClient};
 use crate::model::{Snapshot, SnapshotId};
 
 /// How long one blocking query waits for a change.
@@ -63,7 +67,17 @@ pub async fn run(
             }
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "directory unreachable; keeping the running config");
+                if matches!(e, ClientError::BadSnapshot { .. }) {
+                    // Refused whole, like a bad commit at the directory: the
+                    // next directory, or this one's next snapshot, may be good.
+                    tracing::error!(error = %e, retry_in = ?delay, "snapshot refused; keeping the running config");
+                } else if e.is_refusal() {
+                    // A 401 or 403 is a token problem an operator must fix,
+                    // not an outage: say so.
+                    tracing::error!(error = %e, retry_in = ?delay, "the directory refused this sherlock (check its token); keeping the running config");
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?delay, "directory unreachable; keeping the running config");
+                }
                 shared.status.lock().unwrap().last_error = Some(e.to_string());
                 if clients.len() > 1 {
                     current = (current + 1) % clients.len();

@@ -271,7 +271,9 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("dstack-test").tempdir().unwrap();
         let directory_port = free_port();
         let listen = format!("127.0.0.1:{directory_port}");
-        let mut args = vec!["--listen", &listen, "--max-ttl", "3s"];
+        // In the test's temp dir: the default is a system dir for root.
+        let state_dir = dir.path().join("directory-state").to_str().unwrap().to_string();
+        let mut args = vec!["--listen", &listen, "--max-ttl", "3s", "--state-dir", &state_dir];
         args.extend_from_slice(directory_args);
         let directory = Proc::start(dir.path(), "directory", &args);
         let directory_args = args.iter().map(|a| a.to_string()).collect();

@@ -91,6 +91,39 @@ async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8
     Ok(body)
 }
 
+/// The flags every client of the directory takes (watson, sherlock, dw):
+/// its token and its TLS files. Each client's config file has the same
+/// keys (`token_file:`, `ca_file:`, `client_cert:`, `client_key:`), and its
+/// config module resolves flag before file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientFlags {
+    /// A file holding the directory's token (not readable by group or
+    /// others); else $DSTACK_TOKEN, else the config file's `token_file:`.
+    #[arg(long, global = true)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Trust this CA (PEM) for https:// directories instead of the
+    /// system's roots (watson's https:// check URLs trust it besides them).
+    #[arg(long, global = true, value_name = "PEM")]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) for a directory that asks for one.
+    #[arg(long, global = true, value_name = "PEM")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM, mode 0600).
+    #[arg(long, global = true, value_name = "PEM")]
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+impl ClientFlags {
+    /// The TLS files the flags name.
+    pub fn tls_files(&self) -> crate::tls::ClientTlsFiles {
+        crate::tls::ClientTlsFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        }
+    }
+}
+
 /// One directory, with its HTTP connection pool.
 #[derive(Debug, Clone)]
 pub struct DirectoryClient {

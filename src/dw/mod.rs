@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::client::ClientFlags;
 use crate::client::DirectoryClient;
 use crate::model::DirectoryAddr;
 
@@ -61,25 +62,10 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "routes")]
     pub routes_dir: String,
 
-    /// A file holding the directory's token (not readable by group or
-    /// others). Default: $DSTACK_TOKEN, then `token_file:` in dw.yaml.
-    #[arg(long, global = true)]
-    pub token_file: Option<PathBuf>,
-
-    /// Trust this CA (PEM) for an https:// directory instead of the
-    /// system's roots. Default: `ca_file:` in dw.yaml.
-    #[arg(long, global = true, value_name = "PEM")]
-    pub ca_file: Option<PathBuf>,
-
-    /// A client certificate (PEM) for a directory that asks for one, with
-    /// --client-key (its key, mode 0600). Default: `client_cert:` and
-    /// `client_key:` in dw.yaml.
-    #[arg(long, global = true, value_name = "PEM")]
-    pub client_cert: Option<PathBuf>,
-
-    /// The client certificate's private key (PEM).
-    #[arg(long, global = true, value_name = "PEM")]
-    pub client_key: Option<PathBuf>,
+    /// The directory's token and TLS files; dw.yaml's `token_file:`,
+    /// `ca_file:`, `client_cert:` and `client_key:` are their defaults.
+    #[command(flatten)]
+    pub access: ClientFlags,
 
     #[command(subcommand)]
     pub command: Command,
@@ -246,11 +232,11 @@ pub async fn run(cli: Cli) -> Result<i32, Failure> {
         None => config::default_directory()?,
     };
     let directory: DirectoryAddr = raw.parse().map_err(|e| Failure::usage(format!("-d: {e}")))?;
-    let token = config::token(cli.token_file.as_deref())?;
+    let token = config::token(cli.access.token_file.as_deref())?;
     let tls = config::tls(crate::tls::ClientTlsFiles {
-        ca_file: cli.ca_file.clone(),
-        client_cert: cli.client_cert.clone(),
-        client_key: cli.client_key.clone(),
+        ca_file: cli.access.ca_file.clone(),
+        client_cert: cli.access.client_cert.clone(),
+        client_key: cli.access.client_key.clone(),
     })?;
     let client = DirectoryClient::with_tls(directory, Duration::from_secs(10), &tls).with_token(token.as_ref());
     let ctx = Context { client, style: Style::detect() };

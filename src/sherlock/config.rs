@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::client::ClientFlags;
 use crate::config_file::{self, FileError, Seconds};
 use crate::model::{ClientName, DirectoryAddr, InstanceId};
 use crate::secret::{self, Secret, SecretError};
@@ -66,22 +67,9 @@ pub struct Args {
     /// 0s turns it off [default: 50ms].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub coalesce: Option<Duration>,
-    /// A file holding the directory's token (not readable by group or
-    /// others); else $DSTACK_TOKEN, else the config file's token_file.
-    /// With a sherlock token, the directory lists this sherlock under the
-    /// token's name.
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// Trust this CA (PEM) for https:// directories instead of the
-    /// system's roots.
-    #[arg(long, value_name = "PEM")]
-    pub ca_file: Option<PathBuf>,
-    /// A client certificate (PEM) for a directory that asks for one.
-    #[arg(long, value_name = "PEM")]
-    pub client_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM, mode 0600).
-    #[arg(long, value_name = "PEM")]
-    pub client_key: Option<PathBuf>,
+    /// The directory's token and TLS files.
+    #[command(flatten)]
+    pub access: ClientFlags,
     /// The config file read when no -d is given.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
@@ -235,9 +223,10 @@ pub fn resolve(args: Args, file: Option<FileConfig>, host: &str) -> Result<Confi
     if coalesce > MAX_COALESCE {
         return Err(invalid(format!("--coalesce {}: at most 1s", humantime::format_duration(coalesce))));
     }
-    let token = secret::resolve_token(args.token_file.as_deref(), args.env_token.as_ref(), file.token_file.as_deref())?;
+    let token =
+        secret::resolve_token(args.access.token_file.as_deref(), args.env_token.as_ref(), file.token_file.as_deref())?;
     let tls = ClientTls::for_directory(&ClientTlsFiles::resolve(
-        ClientTlsFiles { ca_file: args.ca_file, client_cert: args.client_cert, client_key: args.client_key },
+        args.access.tls_files(),
         ClientTlsFiles { ca_file: file.ca_file, client_cert: file.client_cert, client_key: file.client_key },
     )?)?;
     Ok(Config { directories, listen, run_dir, haproxy, template, name, client, admin, mode, coalesce, token, tls })

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::client::ClientFlags;
 use crate::config_file::{self, FileError, Seconds};
 use crate::model::{DirectoryAddr, InstanceUrl, ServiceName, Version};
 use crate::secret::{self, Secret, SecretError};
@@ -50,20 +51,9 @@ pub struct Args {
     /// How long one check may take (at most the period) [default: 2s].
     #[arg(long, value_parser = config_file::parse_duration)]
     pub timeout: Option<Duration>,
-    /// A file holding the directory's token (not readable by group or
-    /// others); else $DSTACK_TOKEN, else the config file's token_file.
-    #[arg(long)]
-    pub token_file: Option<PathBuf>,
-    /// Trust this CA (PEM) for https:// directories instead of the system's
-    /// roots; https:// check URLs trust it besides the system's.
-    #[arg(long, value_name = "PEM")]
-    pub ca_file: Option<PathBuf>,
-    /// A client certificate (PEM) for a directory that asks for one.
-    #[arg(long, value_name = "PEM")]
-    pub client_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM, mode 0600).
-    #[arg(long, value_name = "PEM")]
-    pub client_key: Option<PathBuf>,
+    /// The directory's token and TLS files.
+    #[command(flatten)]
+    pub access: ClientFlags,
     /// The config file read when no service is given on the command line.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
@@ -300,8 +290,9 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
     if directories.is_empty() {
         return Err(flag("-d: give at least one directory, e.g. -d //services/directory".into()));
     }
-    let token = secret::resolve_token(args.token_file.as_deref(), args.env_token.as_ref(), token_file.as_deref())?;
-    let flag_tls = ClientTlsFiles { ca_file: args.ca_file, client_cert: args.client_cert, client_key: args.client_key };
+    let token =
+        secret::resolve_token(args.access.token_file.as_deref(), args.env_token.as_ref(), token_file.as_deref())?;
+    let flag_tls = args.access.tls_files();
     let tls_files = ClientTlsFiles::resolve(flag_tls, file_tls)?;
     let tls = ClientTls::for_directory(&tls_files)?;
     let check_tls = ClientTls::for_checks(tls_files.ca_file.as_deref())?;

@@ -137,6 +137,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let mut apply_at: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
+            // Shutdown first: on Ctrl-C the terminal signals HAProxy too,
+            // and its exit must not look like a crash to restart from.
+            biased;
             _ = shutdown.cancelled() => break,
             changed = rx.changed() => {
                 if changed.is_err() { break }
@@ -152,7 +155,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             _ = reap_every.tick() => applier.reap().await,
             _ = drift_every.tick() => applier.correct_drift().await,
-            _ = applier.haproxy.restart_due() => applier.restart_haproxy().await,
+            _ = applier.haproxy.restart_due() => {
+                // A signal may have reached HAProxy and sherlock together.
+                if shutdown.is_cancelled() { break }
+                applier.restart_haproxy().await;
+            }
         }
     }
     subscriber.abort();

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Runs every unit and end-to-end test, then prints one closing line with the
-# totals ("N passed, N failed"). --no-fail-fast: a failing test binary does
-# not stop the others, so the totals count every test. Benchmarks and
-# examples are built by `make lint` and `make build`, not run here.
+# Runs every unit and end-to-end test, then the GitOps, hitless, directory
+# and regression tests again with tokens and TLS on (DSTACK_TEST_SECURE=1:
+# every Cluster serves TLS, has an auth file, and gives each program its own
+# token), and prints one closing line with the totals ("N passed, N
+# failed"). --no-fail-fast: a failing test binary does not stop the others,
+# so the totals count every test. Benchmarks and examples are built by
+# `make lint` and `make build`, not run here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,5 +13,9 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --no-fail-fast --lib --bins --tests "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+echo "--- again with tokens and TLS on"
+DSTACK_TEST_SECURE=1 cargo test --no-fail-fast --test gitops --test hitless --test directory --test regressions "$@" 2>&1 | tee -a "$log"
+secure=${PIPESTATUS[0]}
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "%d passed, %d failed\n", passed, failed }' "$log"
+[ "$status" -eq 0 ] && exit "$secure"
 exit "$status"

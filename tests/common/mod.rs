@@ -248,8 +248,63 @@ impl Drop for Instance {
 }
 
 /// A directory and a sherlock (with its HAProxy) on free ports in a temp dir.
+/// With `DSTACK_TEST_SECURE=1` every `Cluster` runs as on a real network:
+/// TLS on the directory, an auth file, and each program with its own token
+/// and the CA (`make test-secure` runs the GitOps tests so).
+pub fn secure() -> bool {
+    std::env::var("DSTACK_TEST_SECURE").is_ok_and(|v| v == "1")
+}
+
+/// A secure cluster's certificates and tokens.
+pub struct Security {
+    pub pki: Pki,
+    pub auth_file: PathBuf,
+    /// The operator's token file (dw, the test's own requests).
+    pub operator_token: PathBuf,
+    /// The token every watson of the cluster uses (role watson, any service).
+    pub watson_token: PathBuf,
+    operator_secret: String,
+}
+
+impl Security {
+    fn new(dir: &Path) -> Security {
+        let pki = Pki::new(dir, "cluster");
+        let auth_file = dir.join("auth.yaml");
+        std::fs::write(&auth_file, "tokens:\n").unwrap();
+        let operator_secret = format!("op-{}", free_port());
+        let security = Security {
+            pki,
+            auth_file,
+            operator_token: dir.join("operator.token"),
+            watson_token: dir.join("watson.token"),
+            operator_secret: operator_secret.clone(),
+        };
+        security.add_token(&security.operator_token, &operator_secret, "name: ops\n    role: operator");
+        security.add_token(
+            &security.watson_token,
+            &format!("w-{}", free_port()),
+            "name: watsons\n    role: watson\n    services: [\"*\"]",
+        );
+        security
+    }
+
+    /// Writes a token file (0600) and its entry in the auth file.
+    fn add_token(&self, file: &Path, secret: &str, entry: &str) {
+        use sha2::Digest as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::write(file, secret).unwrap();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let digest: String = sha2::Sha256::digest(secret.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        let mut text = std::fs::read_to_string(&self.auth_file).unwrap();
+        text.push_str(&format!("  - {entry}\n    sha256: {digest}\n"));
+        std::fs::write(&self.auth_file, text).unwrap();
+    }
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// Set in secure mode (see [`secure`]).
+    pub security: Option<Security>,
     pub directory_port: u16,
     pub directory: Proc,
     pub sherlock_port: u16,
@@ -273,16 +328,35 @@ impl Cluster {
         let listen = format!("127.0.0.1:{directory_port}");
         // In the test's temp dir: the default is a system dir for root.
         let state_dir = dir.path().join("directory-state").to_str().unwrap().to_string();
-        let mut args = vec!["--listen", &listen, "--max-ttl", "3s", "--state-dir", &state_dir];
-        args.extend_from_slice(directory_args);
-        let directory = Proc::start(dir.path(), "directory", &args);
-        let directory_args = args.iter().map(|a| a.to_string()).collect();
+        let security = secure().then(|| Security::new(dir.path()));
+        let mut args: Vec<String> =
+            ["--listen", &listen, "--max-ttl", "3s", "--state-dir", &state_dir].iter().map(|a| a.to_string()).collect();
+        if let Some(s) = &security {
+            for (flag, path) in
+                [("--tls-cert", &s.pki.server_cert), ("--tls-key", &s.pki.server_key), ("--auth-file", &s.auth_file)]
+            {
+                args.push(flag.to_string());
+                args.push(path.to_str().unwrap().to_string());
+            }
+        }
+        args.extend(directory_args.iter().map(|a| a.to_string()));
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let directory = Proc::start(dir.path(), "directory", &arg_refs);
+        let directory_args = args;
         // A new connection per request, as curl makes: after a reload, a
         // pooled connection may still reach the old worker for one request.
-        let http =
-            reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(0).build().unwrap();
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(0);
+        if let Some(s) = &security {
+            let ca = reqwest::Certificate::from_pem(&std::fs::read(&s.pki.ca).unwrap()).unwrap();
+            let mut headers = reqwest::header::HeaderMap::new();
+            let bearer = format!("Bearer {}", s.operator_secret);
+            headers.insert(reqwest::header::AUTHORIZATION, bearer.parse().unwrap());
+            builder = builder.add_root_certificate(ca).default_headers(headers);
+        }
+        let http = builder.build().unwrap();
         let mut cluster = Cluster {
             dir,
+            security,
             directory_port,
             directory,
             sherlock_port: 0,
@@ -299,7 +373,22 @@ impl Cluster {
     }
 
     pub fn directory_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.directory_port)
+        let scheme = if self.security.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.directory_port)
+    }
+
+    /// The flags a client of this cluster's directory needs: its token and
+    /// the CA, in secure mode; none otherwise.
+    pub fn client_flags(&self, token: &Path) -> Vec<String> {
+        match &self.security {
+            Some(s) => vec![
+                "--token-file".into(),
+                token.to_str().unwrap().into(),
+                "--ca-file".into(),
+                s.pki.ca.to_str().unwrap().into(),
+            ],
+            None => Vec::new(),
+        }
     }
 
     pub async fn wait_for_directory(&self) {
@@ -367,6 +456,22 @@ impl Cluster {
         let mut args =
             vec!["-d", &directory, "--listen", &listen, "--run-dir", &run, "--name", &name, "--admin", &admin];
         args.extend_from_slice(extra);
+        let token = self.dir.path().join(format!("{name}.token"));
+        if let Some(s) = &self.security {
+            // Its own token, named as it, added while the directory runs.
+            s.add_token(&token, &format!("s-{port}-{}", free_port()), &format!("name: {name}\n    role: sherlock"));
+            self.directory.signal(libc::SIGHUP);
+            let url = format!("{}/v1/snapshot", self.directory_url());
+            let secret = std::fs::read_to_string(&token).unwrap();
+            let http = self.http.clone();
+            eventually(Duration::from_secs(10), "the directory to take the sherlock's token", async || {
+                let resp = http.get(&url).bearer_auth(&secret).send().await.ok()?;
+                resp.status().is_success().then_some(())
+            })
+            .await;
+        }
+        let flags = self.client_flags(&token);
+        args.extend(flags.iter().map(String::as_str));
         let proc = Proc::start(self.dir.path(), "sherlock", &args);
         // Ready when HAProxy answers on the port (404 for no service).
         let url = format!("http://127.0.0.1:{port}/");
@@ -381,6 +486,8 @@ impl Cluster {
         let directory = self.directory_url();
         let mut args = vec!["-d", directory.as_str(), service, url, "1"];
         args.extend_from_slice(extra);
+        let flags = self.security.as_ref().map(|s| self.client_flags(&s.watson_token)).unwrap_or_default();
+        args.extend(flags.iter().map(String::as_str));
         Proc::start(self.dir.path(), "watson", &args)
     }
 
@@ -466,6 +573,8 @@ impl Cluster {
     pub fn dw(&self, args: &[&str]) -> (i32, String, String) {
         let directory = self.directory_url();
         let mut all = vec!["-d", directory.as_str()];
+        let flags = self.security.as_ref().map(|s| self.client_flags(&s.operator_token)).unwrap_or_default();
+        all.extend(flags.iter().map(String::as_str));
         all.extend_from_slice(args);
         run_dw(&all, None)
     }

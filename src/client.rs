@@ -39,15 +39,35 @@ pub fn explain(error: &(dyn std::error::Error + 'static)) -> String {
     text + hint
 }
 
+/// A TLS 1.3 server that refuses a client for having no certificate says
+/// so in an alert sent after the client's side of the handshake is done, so
+/// the alert may arrive as the request is sent, or the connection may only
+/// close: then the error names no certificate, and this hint does.
+fn closed_after_handshake(addr: &DirectoryAddr, client_cert: bool, source: &reqwest::Error) -> &'static str {
+    let text = explain(source);
+    let closed = ["connection was not ready", "connection closed before message completed", "reset by peer"];
+    if addr.base().starts_with("https://")
+        && !client_cert
+        && !text.contains("give --")
+        && closed.iter().any(|c| text.contains(c))
+    {
+        " (the directory closed the connection after the TLS handshake: if it asks for a client certificate, give --client-cert and --client-key)"
+    } else {
+        ""
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The message carries the whole cause (reqwest's own says only "error
     /// sending request"), so a certificate problem reads as one.
-    #[error("directory {addr} is unreachable: {}", explain(source))]
+    #[error("directory {addr} is unreachable: {}{hint}", explain(source))]
     Unreachable {
         addr: DirectoryAddr,
         #[source]
         source: reqwest::Error,
+        /// What the client knows beyond the error (see [`closed_after_handshake`]).
+        hint: &'static str,
     },
     #[error("directory {addr} refused the request ({status}): {message}")]
     Refused { addr: DirectoryAddr, status: u16, message: String },
@@ -133,6 +153,8 @@ pub struct DirectoryClient {
     /// `Bearer TOKEN`, sent with every request; marked sensitive, so that
     /// no `Debug` shows it.
     authorization: Option<reqwest::header::HeaderValue>,
+    /// Whether a client certificate is offered, for the hints of errors.
+    client_cert: bool,
 }
 
 impl DirectoryClient {
@@ -152,7 +174,7 @@ impl DirectoryClient {
             .user_agent(concat!("dstack/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a reqwest client with a checked TLS config and no proxy settings always builds");
-        DirectoryClient { addr, http, authorization: None }
+        DirectoryClient { addr, http, authorization: None, client_cert: tls.has_client_cert() }
     }
 
     /// Sends `Authorization: Bearer TOKEN` with every request.
@@ -182,7 +204,11 @@ impl DirectoryClient {
             Some(value) => req.header(reqwest::header::AUTHORIZATION, value.clone()),
             None => req,
         };
-        let resp = req.send().await.map_err(|source| ClientError::Unreachable { addr: self.addr.clone(), source })?;
+        let resp = req.send().await.map_err(|source| ClientError::Unreachable {
+            addr: self.addr.clone(),
+            hint: closed_after_handshake(&self.addr, self.client_cert, &source),
+            source,
+        })?;
         let status = resp.status();
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();

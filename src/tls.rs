@@ -299,6 +299,11 @@ impl ClientTls {
             .with_root_certificates(roots)
     }
 
+    /// Whether a client certificate is offered to servers that ask.
+    pub fn has_client_cert(&self) -> bool {
+        self.0.client_auth_cert_resolver.has_certs()
+    }
+
     /// A reqwest client builder that uses these settings for https://.
     pub fn reqwest(&self) -> reqwest::ClientBuilder {
         reqwest::Client::builder().use_preconfigured_tls((*self.0).clone())

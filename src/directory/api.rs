@@ -405,22 +405,33 @@ fn status(directory: &Directory) -> Status {
     }
 }
 
-/// The webhook: fetch now, answer with the commit in force afterwards.
+/// The webhook: fetch now, answer 200 with the routes state after a fetch
+/// that started once the request came; or, when a fetch has been under way
+/// for a while already (a slow or hung git server), 202 at once with the
+/// state and its `fetching_since` (another fetch follows that one, so a
+/// push just made is seen). See `reconcile::BUSY_AT_ONCE`.
 async fn post_reconcile(
     State(directory): State<Arc<Directory>>,
     ReconcileAllowed(caller): ReconcileAllowed,
-) -> Result<Json<RoutesStatus>, ApiError> {
+) -> Result<(StatusCode, Json<RoutesStatus>), ApiError> {
+    use super::reconcile::Reply;
     tracing::debug!(caller = %caller.label(), "reconcile requested");
-    let Some(tx) = directory.reconcile_sender() else {
+    let (Some(tx), Some(repo)) = (directory.reconcile_sender(), directory.config.repo.as_ref()) else {
         return Err(ApiError::Conflict("this directory follows no routes repo (start it with --repo)".into()));
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
     let unavailable = || ApiError::Unavailable("the reconciler is shutting down".into());
-    tx.send(Some(reply)).await.map_err(|_| unavailable())?;
-    match tokio::time::timeout(Duration::from_secs(60), answer).await {
-        Ok(Ok(status)) => Ok(Json(status)),
+    // The reconciler takes triggers even while it fetches, and a fetch is
+    // bounded by --fetch-timeout: at worst this waits for the fetch under
+    // way and the one after it.
+    let bound = 2 * repo.fetch_timeout + Duration::from_secs(5);
+    let late = || ApiError::Unavailable(format!("no answer from the reconciler within {bound:?}; see /v1/status"));
+    tokio::time::timeout(bound, tx.send(Some(reply))).await.map_err(|_| late())?.map_err(|_| unavailable())?;
+    match tokio::time::timeout(bound, answer).await {
+        Ok(Ok(Reply::Done(status))) => Ok((StatusCode::OK, Json(status))),
+        Ok(Ok(Reply::Busy(status))) => Ok((StatusCode::ACCEPTED, Json(status))),
         Ok(Err(_)) => Err(unavailable()),
-        Err(_) => Err(ApiError::Unavailable("the reconcile took over 60s; see /v1/status".into())),
+        Err(_) => Err(late()),
     }
 }
 

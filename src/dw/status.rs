@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use super::converge;
 use super::workspace::short;
 use super::{output, Context, Failure, Style};
-use crate::protocol::Status;
+use crate::protocol::{RejectKind, Status};
 
 pub async fn run(ctx: &Context, json: bool) -> Result<(), Failure> {
     let status = ctx.client.status().await.map_err(Failure::error)?;
@@ -38,27 +38,37 @@ pub fn render(status: &Status, style: &Style) -> String {
         }
         Some(r) => {
             let _ = writeln!(out, "routes: {} (branch {})", r.repo, r.branch);
+            // A restarted directory serves its mirror's commit until it fetches.
+            let when = match (&r.stale, &r.fetched_at) {
+                (Some(stale), _) => stale.clone(),
+                (None, Some(at)) => format!("fetched {at}"),
+                (None, None) => "fetched ?".to_string(),
+            };
             match &r.commit {
                 Some(c) => {
-                    let _ = writeln!(
-                        out,
-                        "  serving   {}  \"{}\"  fetched {}",
-                        short(c),
-                        r.summary.as_deref().unwrap_or(""),
-                        r.fetched_at.as_deref().unwrap_or("?")
-                    );
+                    let line = format!("  serving   {}  \"{}\"  {when}", short(c), r.summary.as_deref().unwrap_or(""));
+                    let _ =
+                        writeln!(out, "{}", if r.stale.is_some() { style.paint(Style::YELLOW, &line) } else { line });
                 }
                 None => {
-                    let _ = writeln!(out, "  serving   nothing yet");
+                    let _ = writeln!(out, "  serving   nothing yet ({when})");
                 }
             }
+            if let Some(since) = &r.fetching_since {
+                let _ = writeln!(out, "  fetching  since {since}");
+            }
             if let Some(rej) = &r.rejected {
+                let kind = match rej.kind {
+                    RejectKind::Invalid => "invalid routes",
+                    RejectKind::Rewind => "history moved back",
+                    RejectKind::Empty => "removes every route",
+                };
                 let _ = writeln!(
                     out,
                     "{}",
                     style.paint(
                         Style::RED,
-                        &format!("  REJECTED  {}  \"{}\"  at {}", short(&rej.commit), rej.summary, rej.at)
+                        &format!("  REJECTED  {}  \"{}\"  at {} ({kind})", short(&rej.commit), rej.summary, rej.at)
                     )
                 );
                 for e in &rej.errors {

@@ -124,3 +124,66 @@ pub fn render(status: &Status, style: &Style) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Rejected, RoutesStatus};
+
+    fn status(routes: RoutesStatus) -> Status {
+        Status {
+            name: "services".into(),
+            address: None,
+            uptime_s: 1,
+            epoch: 1,
+            index: 2,
+            commit: routes.commit.clone(),
+            warming: true,
+            warnings: vec![],
+            instances: vec![],
+            sherlocks: vec![],
+            routes: Some(routes),
+            desired: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_warm_restart_a_fetch_under_way_and_the_kind_of_a_rejection_show() {
+        let routes = RoutesStatus {
+            repo: "/srv/routes".into(),
+            branch: "main".into(),
+            commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            summary: Some("all on v2".into()),
+            stale: Some("not fetched since start: serving the commit in force before the restart".into()),
+            fetching_since: Some("2026-01-01T00:00:00Z".into()),
+            rejected: Some(Rejected {
+                commit: "fedcba9876543210fedcba9876543210fedcba98".into(),
+                summary: "rewound".into(),
+                kind: RejectKind::Rewind,
+                errors: vec!["history moved back: ...".into()],
+                at: "2026-01-01T00:00:01Z".into(),
+            }),
+            ..RoutesStatus::default()
+        };
+        let out = render(&status(routes), &Style { color: false });
+        assert!(
+            out.contains("  serving   0123456789  \"all on v2\"  not fetched since start: serving the commit in force"),
+            "{out}"
+        );
+        assert!(out.contains("  fetching  since 2026-01-01T00:00:00Z\n"), "{out}");
+        assert!(
+            out.contains("  REJECTED  fedcba9876  \"rewound\"  at 2026-01-01T00:00:01Z (history moved back)"),
+            "{out}"
+        );
+        assert!(out.contains("            history moved back: ..."), "{out}");
+
+        let fetched = RoutesStatus {
+            commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            fetched_at: Some("2026-01-01T00:00:02Z".into()),
+            ..RoutesStatus::default()
+        };
+        let out = render(&status(fetched), &Style { color: false });
+        assert!(out.contains("  serving   0123456789  \"\"  fetched 2026-01-01T00:00:02Z\n"), "{out}");
+        assert!(!out.contains("fetching") && !out.contains("REJECTED"), "{out}");
+    }
+}

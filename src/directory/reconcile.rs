@@ -228,10 +228,12 @@ fn restore(directory: &Directory, repo: &RepoConfig, mirror_path: &Path) {
         tracing::info!("the mirror records no commit in force for this branch; waiting for the first fetch");
         return;
     };
-    let routes = mirror
-        .routes_files(commit, &repo.routes_dir)
-        .map_err(|e| e.to_string())
-        .and_then(|files| crate::routes::read_files(files).map_err(|e| format!("{} errors, first: {}", e.len(), e[0])));
+    let routes = mirror.routes_files(commit, &repo.routes_dir).map_err(|e| e.to_string()).and_then(|files| {
+        crate::routes::read_files(files).map_err(|errors| {
+            let first = errors.first().map(ToString::to_string).unwrap_or_default();
+            format!("{} errors, the first: {first}", errors.len())
+        })
+    });
     match routes {
         Ok(routes) => {
             tracing::info!(commit = %commit, services = routes.routes.len(), "serving the commit in force before the restart until the first fetch");
@@ -258,10 +260,7 @@ struct Running {
 }
 
 fn start(directory: &Directory, repo: &RepoConfig, mirror_path: &Path) -> Running {
-    let (routes, status) = {
-        let (_, routes, status) = directory.in_force();
-        (routes, status)
-    };
+    let (_, routes, status) = directory.in_force();
     let known = Known {
         in_force: status.commit.as_deref().and_then(|c| Oid::from_str(c).ok()),
         rejected: status.rejected.map(|r| r.commit),

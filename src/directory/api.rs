@@ -819,6 +819,52 @@ mod tests {
         assert_eq!(snap["epoch"].as_u64(), Some(epoch));
     }
 
+    #[tokio::test]
+    async fn a_reconcile_answers_200_after_its_fetch_and_202_while_a_long_one_runs() {
+        use crate::directory::reconcile::Reply;
+        let repo = crate::directory::config::resolve(
+            <crate::directory::config::Args as clap::Parser>::parse_from(["directory", "--repo", "/srv/routes"]),
+            None,
+        )
+        .unwrap()
+        .repo;
+        let config = Config {
+            allow_networks: vec![],
+            limits: Limits::default(),
+            name: "test".into(),
+            address: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: std::env::temp_dir(),
+            repo,
+            max_ttl: Duration::from_secs(10),
+            auth: crate::directory::AuthMode::Off { insecure: false },
+            webhook_secret_file: None,
+            tls: None,
+        };
+        let (directory, triggers) = Directory::new(config, tokio_util::sync::CancellationToken::new());
+        let app = app(directory.clone());
+        // A stand-in reconciler: done once, then busy with a fetch.
+        let mut triggers = triggers.unwrap();
+        tokio::spawn(async move {
+            let mut status = RoutesStatus { commit: Some("abc1234".into()), ..RoutesStatus::default() };
+            let reply = triggers.recv().await.flatten().unwrap();
+            let _ = reply.send(Reply::Done(status.clone()));
+            status.fetching_since = Some("2026-01-01T00:00:00Z".into());
+            let reply = triggers.recv().await.flatten().unwrap();
+            let _ = reply.send(Reply::Busy(status));
+        });
+        let (status, json) = call(&app, "POST", "/v1/reconcile", "").await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(json["commit"], "abc1234");
+        assert!(json["fetching_since"].is_null(), "{json}");
+        let (status, json) = call(&app, "POST", "/v1/reconcile", "").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert_eq!(json["fetching_since"], "2026-01-01T00:00:00Z");
+        // The reconciler is gone (shutdown): 503, not a wait.
+        let (status, _) = call(&app, "POST", "/v1/reconcile", "").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
     mod with_tokens {
         use super::*;
         use crate::directory::auth::{Auth, AuthTable};

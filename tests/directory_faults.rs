@@ -123,9 +123,13 @@ async fn restart_with_the_remote_away(cluster: &mut Cluster, repo: &RoutesRepo, 
     // The fetch fails (reported), and traffic follows the commit in force
     // once the watsons have re-registered.
     cluster.wait_for_instances("barker", 2).await;
-    let status = cluster.status().await;
-    assert!(status["routes"]["error"].as_str().is_some_and(|e| e.contains("fetching")), "{status}");
+    let status = eventually(Duration::from_secs(10), "the fetch error", async || {
+        let status = cluster.status().await;
+        status["routes"]["error"].as_str().is_some_and(|e| e.contains("fetching")).then_some(status)
+    })
+    .await;
     assert_eq!(status["commit"], good.to_string(), "{status}");
+    assert!(status["routes"]["stale"].is_string(), "still not fetched: {status}");
     let (counts, errors) = cluster.tally("/barker/", 10).await;
     assert_eq!((by_version(&counts).get("v2"), errors), (Some(&10), 0), "v2 alone, as in git: {counts:?}");
 

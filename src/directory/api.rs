@@ -40,6 +40,9 @@ const MAX_BODY: usize = 64 * 1024;
 /// read whole to check its signature.
 const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 const MIN_TTL_MS: u64 = 100;
+/// The longest `POST /v1/reconcile` waits for its fetch before answering
+/// 202: git hosts give up on a webhook after about 10 s.
+pub const RECONCILE_WAIT: Duration = Duration::from_secs(8);
 
 /// Every way a request can fail. Internal details are logged, never sent.
 #[derive(Debug, thiserror::Error)]
@@ -406,32 +409,38 @@ fn status(directory: &Directory) -> Status {
 }
 
 /// The webhook: fetch now, answer 200 with the routes state after a fetch
-/// that started once the request came; or, when a fetch has been under way
-/// for a while already (a slow or hung git server), 202 at once with the
-/// state and its `fetching_since` (another fetch follows that one, so a
-/// push just made is seen). See `reconcile::BUSY_AT_ONCE`.
+/// that started once the request came; or 202 with the state and its
+/// `fetching_since` when a fetch has been under way for a while already (a
+/// slow or hung git server; at once, see `reconcile::BUSY_AT_ONCE`) or the
+/// fetch takes over [`RECONCILE_WAIT`]. After a 202 another fetch follows
+/// the one under way, so a push just made is seen; its outcome shows in
+/// `/v1/status`.
 async fn post_reconcile(
     State(directory): State<Arc<Directory>>,
     ReconcileAllowed(caller): ReconcileAllowed,
 ) -> Result<(StatusCode, Json<RoutesStatus>), ApiError> {
     use super::reconcile::Reply;
     tracing::debug!(caller = %caller.label(), "reconcile requested");
-    let (Some(tx), Some(repo)) = (directory.reconcile_sender(), directory.config.repo.as_ref()) else {
+    let Some(tx) = directory.reconcile_sender() else {
         return Err(ApiError::Conflict("this directory follows no routes repo (start it with --repo)".into()));
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
     let unavailable = || ApiError::Unavailable("the reconciler is shutting down".into());
-    // The reconciler takes triggers even while it fetches, and a fetch is
-    // bounded by --fetch-timeout: at worst this waits for the fetch under
-    // way and the one after it.
-    let bound = 2 * repo.fetch_timeout + Duration::from_secs(5);
-    let late = || ApiError::Unavailable(format!("no answer from the reconciler within {bound:?}; see /v1/status"));
-    tokio::time::timeout(bound, tx.send(Some(reply))).await.map_err(|_| late())?.map_err(|_| unavailable())?;
-    match tokio::time::timeout(bound, answer).await {
+    // The reconciler takes triggers even while it fetches: this send waits
+    // for no fetch.
+    let queued = tokio::time::timeout(RECONCILE_WAIT, tx.send(Some(reply))).await;
+    let accepted = || (StatusCode::ACCEPTED, Json(directory.routes_status()));
+    match queued {
+        Err(_) => return Ok(accepted()),
+        Ok(Err(_)) => return Err(unavailable()),
+        Ok(Ok(())) => {}
+    }
+    match tokio::time::timeout(RECONCILE_WAIT, answer).await {
         Ok(Ok(Reply::Done(status))) => Ok((StatusCode::OK, Json(status))),
         Ok(Ok(Reply::Busy(status))) => Ok((StatusCode::ACCEPTED, Json(status))),
         Ok(Err(_)) => Err(unavailable()),
-        Err(_) => Err(late()),
+        // The fetch goes on; a git host's webhook would not wait longer.
+        Err(_) => Ok(accepted()),
     }
 }
 
@@ -852,6 +861,9 @@ mod tests {
             status.fetching_since = Some("2026-01-01T00:00:00Z".into());
             let reply = triggers.recv().await.flatten().unwrap();
             let _ = reply.send(Reply::Busy(status));
+            // A fetch that outlasts the webhook's wait.
+            let _held = triggers.recv().await.flatten().unwrap();
+            tokio::time::sleep(RECONCILE_WAIT + Duration::from_secs(1)).await;
         });
         let (status, json) = call(&app, "POST", "/v1/reconcile", "").await;
         assert_eq!(status, StatusCode::OK, "{json}");
@@ -860,6 +872,10 @@ mod tests {
         let (status, json) = call(&app, "POST", "/v1/reconcile", "").await;
         assert_eq!(status, StatusCode::ACCEPTED, "{json}");
         assert_eq!(json["fetching_since"], "2026-01-01T00:00:00Z");
+        let started = std::time::Instant::now();
+        let (status, json) = call(&app, "POST", "/v1/reconcile", "").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert!(started.elapsed() >= RECONCILE_WAIT, "it waited for the fetch first");
         // The reconciler is gone (shutdown): 503, not a wait.
         let (status, _) = call(&app, "POST", "/v1/reconcile", "").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);

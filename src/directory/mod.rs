@@ -150,7 +150,12 @@ impl Directory {
         let routes_status = config
             .repo
             .as_ref()
-            .map(|r| RoutesStatus { repo: r.url.to_string(), branch: r.branch.clone(), ..RoutesStatus::default() })
+            .map(|r| RoutesStatus {
+                repo: r.url.to_string(),
+                branch: r.branch.clone(),
+                stale: Some(reconcile::NOT_FETCHED.to_string()),
+                ..RoutesStatus::default()
+            })
             .unwrap_or_default();
         let schedule =
             Schedule { warming_until: warming.then(|| Instant::now() + config.max_ttl), ..Schedule::default() };
@@ -230,7 +235,26 @@ impl Directory {
         status.fetched_at = Some(reconcile::now_rfc3339());
         status.rejected = None;
         status.error = None;
+        status.stale = None;
         self.changed(&mut inner);
+    }
+
+    /// Puts back in force, before any fetch, the commit a previous run
+    /// accepted (read from the mirror), and publishes it before anyone
+    /// can ask: `stale` says it has not been fetched since start.
+    pub fn restore_routes(&self, commit: String, summary: String, routes: RouteSet) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.routes = routes;
+        let status = &mut inner.routes_status;
+        status.commit = Some(commit);
+        status.summary = Some(summary);
+        status.stale = Some(format!("{}: serving the commit in force before the restart", reconcile::NOT_FETCHED));
+        self.publish(&mut inner, Instant::now());
+    }
+
+    /// Records that a fetch started (`Some(RFC 3339)`) or ended (None).
+    pub fn fetch_started(&self, since: Option<String>) {
+        self.inner.lock().unwrap().routes_status.fetching_since = since;
     }
 
     /// Records a successful fetch that changed nothing in force: the commit
@@ -242,6 +266,7 @@ impl Directory {
         let status = &mut inner.routes_status;
         status.fetched_at = Some(reconcile::now_rfc3339());
         status.error = None;
+        status.stale = None;
         if head_in_force {
             status.rejected = None;
         }
@@ -509,8 +534,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let reconciler = match (directory.config.repo.clone(), triggers) {
         (Some(repo), Some(triggers)) => {
             let mirror = directory.config.state_dir.join("routes.git");
-            tracing::info!(repo = %repo.url, branch = %repo.branch, poll = ?repo.poll, "following the routes repo");
-            Some(tokio::spawn(reconcile::run(directory.clone(), repo, mirror, triggers, shutdown.clone())))
+            crate::gitsync::configure_libgit2(repo.connect_timeout, repo.read_timeout)?;
+            let lock = reconcile::warm_start(&directory, &repo, &mirror)?;
+            tracing::info!(repo = %repo.url, branch = %repo.branch, poll = ?repo.poll, fetch_timeout = ?repo.fetch_timeout, "following the routes repo");
+            let run = reconcile::run(directory.clone(), repo, mirror, triggers, shutdown.clone());
+            Some(tokio::spawn(async move {
+                run.await;
+                drop(lock);
+            }))
         }
         _ => None,
     };

@@ -24,6 +24,11 @@ pub struct WriteAck {
     pub removed: Option<bool>,
     pub epoch: u64,
     pub index: u64,
+    /// For a `PUT`: the largest `ttl_ms` this directory accepts (its
+    /// `--max-ttl`), so that a watson whose own TTL is longer heartbeats
+    /// often enough to stay inside it. Absent from older directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttl_ms: Option<u64>,
 }
 
 impl WriteAck {
@@ -148,4 +153,8 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    /// On a heartbeat refused for its `ttl_ms`: the largest this directory
+    /// accepts, so that watson can adapt instead of being refused again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttl_ms: Option<u64>,
 }

@@ -215,7 +215,7 @@ impl Directory {
     /// next one while a change is pending, else the one served.
     fn ack(&self, inner: &Inner, removed: Option<bool>) -> WriteAck {
         let served = self.snapshots.borrow().index;
-        WriteAck { removed, epoch: self.epoch, index: served + u64::from(inner.schedule.pending) }
+        WriteAck { removed, epoch: self.epoch, index: served + u64::from(inner.schedule.pending), max_ttl_ms: None }
     }
 
     /// Puts a validated routes commit in force.

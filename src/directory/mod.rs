@@ -84,6 +84,9 @@ struct Inner {
     routes_status: RoutesStatus,
     /// The publisher's deadlines and whether a change waits.
     schedule: Schedule,
+    /// A commit and its history's length; published with the commit in
+    /// force when they match.
+    commit_count: Option<(String, u64)>,
 }
 
 /// One running directory, shared by the HTTP handlers, the publisher and
@@ -229,6 +232,18 @@ impl Directory {
         status.rejected = None;
         status.error = None;
         self.changed(&mut inner);
+    }
+
+    /// Records how many commits `commit`'s history holds; it reaches the
+    /// snapshots while `commit` is in force.
+    pub fn set_commit_count(&self, commit: &str, count: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        let in_force = inner.routes_status.commit.as_deref() == Some(commit);
+        let published = self.snapshots.borrow().commit_count;
+        inner.commit_count = Some((commit.to_string(), count));
+        if in_force && published != Some(count) {
+            self.changed(&mut inner);
+        }
     }
 
     /// Records a successful fetch that changed nothing in force: the commit
@@ -391,6 +406,11 @@ impl Directory {
             epoch: self.epoch,
             index: current.index + 1,
             commit: inner.routes_status.commit.clone(),
+            commit_count: inner
+                .commit_count
+                .as_ref()
+                .filter(|(commit, _)| inner.routes_status.commit.as_ref() == Some(commit))
+                .map(|(_, count)| *count),
             warming: inner.schedule.warming_until.is_some(),
             services: merged.services,
             clients: merged.clients,

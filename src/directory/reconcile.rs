@@ -32,6 +32,8 @@ struct Fetched {
     commit: String,
     summary: String,
     files: Vec<crate::routes::RawFile>,
+    /// Its history's length, by which sherlocks tell a directory behind.
+    count: Option<u64>,
 }
 
 fn fetch(repo: &RepoConfig, mirror_path: &std::path::Path) -> Result<Fetched, gitsync::GitError> {
@@ -41,6 +43,7 @@ fn fetch(repo: &RepoConfig, mirror_path: &std::path::Path) -> Result<Fetched, gi
         commit: oid.to_string(),
         summary: mirror.summary(oid),
         files: mirror.routes_files(oid, &repo.routes_dir)?,
+        count: mirror.commit_count(oid).map_err(|e| tracing::warn!(error = %e, "cannot count the commits")).ok(),
     })
 }
 
@@ -65,6 +68,9 @@ async fn reconcile_once(directory: &Directory, repo: &RepoConfig, mirror_path: &
             return Err(e);
         }
     };
+    if let Some(count) = fetched.count {
+        directory.set_commit_count(&fetched.commit, count);
+    }
     let status = directory.routes_status();
     let in_force = status.commit.as_deref() == Some(&fetched.commit);
     if in_force || status.rejected.as_ref().is_some_and(|r| r.commit == fetched.commit) {

@@ -158,3 +158,29 @@ pub struct ErrorBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ttl_ms: Option<u64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Old directories and old watsons: the field is optional both ways.
+    #[test]
+    fn max_ttl_ms_is_optional_both_ways() {
+        let old: WriteAck = serde_json::from_str(r#"{"epoch":1,"index":2}"#).unwrap();
+        assert_eq!(old.max_ttl_ms, None);
+        let new = WriteAck { removed: None, epoch: 1, index: 2, max_ttl_ms: Some(10_000) };
+        let json = serde_json::to_string(&new).unwrap();
+        assert_eq!(json, r#"{"epoch":1,"index":2,"max_ttl_ms":10000}"#);
+        // What an older watson reads: its WriteAck had no such field, and
+        // unknown fields are ignored.
+        #[derive(Deserialize)]
+        struct OldAck {
+            epoch: u64,
+            index: u64,
+        }
+        let read: OldAck = serde_json::from_str(&json).unwrap();
+        assert_eq!((read.epoch, read.index), (1, 2));
+        let refusal: ErrorBody = serde_json::from_str(r#"{"error":"no"}"#).unwrap();
+        assert_eq!(refusal.max_ttl_ms, None);
+    }
+}

@@ -144,13 +144,18 @@ pub async fn run(
                 tx.send_replace(Some(snapshot.clone()));
             }
         }
-        // Each directory hears of the content applied in its own numbers.
+        // Each directory hears of the content applied in its own numbers:
+        // its newest snapshot when that is what runs, else the applied one
+        // if it is of its own run (an older snapshot, during a burst).
         let applied_id = *applied.borrow_and_update();
         if let Some(content) = sent.iter().rev().find(|s| s.id() == applied_id) {
             for (report, mine) in reports.iter().zip(&latest) {
-                if let Some(mine) = mine.as_ref().filter(|m| same_content(m, content)) {
-                    report.send_if_modified(|r| std::mem::replace(r, mine.id()) != mine.id());
-                }
+                let own = match mine {
+                    Some(mine) if same_content(mine, content) => mine.id(),
+                    Some(mine) if mine.epoch == applied_id.epoch => applied_id,
+                    _ => continue,
+                };
+                report.send_if_modified(|r| std::mem::replace(r, own) != own);
             }
         }
     }

@@ -125,31 +125,32 @@ async fn a_watson_heartbeats_within_each_directorys_max_ttl() {
     let tmp = tempfile::tempdir().unwrap();
     let http = http();
     let roomy = Directory::start(tmp.path(), "roomy", &["--max-ttl", "10s"]);
-    let strict = Directory::start(tmp.path(), "strict", &["--max-ttl", "1s"]);
+    let strict = Directory::start(tmp.path(), "strict", &["--max-ttl", "2s"]);
     roomy.wait_up(&http).await;
     strict.wait_up(&http).await;
     let instance = Instance::start("vm101").await;
-    // Period 2 s: a TTL of 6 s, over the strict directory's 1 s.
+    // Period 3 s: a TTL of 9 s, over the strict directory's 2 s.
     let (a, b) = (roomy.url(), strict.url());
-    let watson = Proc::start(tmp.path(), "watson", &["-d", &a, "-d", &b, "emitter", &instance.url("/emitter"), "2"]);
+    let watson = Proc::start(tmp.path(), "watson", &["-d", &a, "-d", &b, "emitter", &instance.url("/emitter"), "3"]);
     eventually(Duration::from_secs(15), "the instance in both directories", async || {
         let (r, s) = (ttls(&roomy, &http).await?, ttls(&strict, &http).await?);
         (r.len() == 1 && s.len() == 1).then_some(())
     })
     .await;
-    assert_eq!(ttls(&roomy, &http).await.unwrap(), [6000], "its own TTL where it fits");
-    assert_eq!(ttls(&strict, &http).await.unwrap(), [1000], "the directory's largest where it does not");
-    // Three of the strict directory's TTLs later, it never expired there.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(ttls(&strict, &http).await.unwrap(), [1000]);
+    assert_eq!(ttls(&roomy, &http).await.unwrap(), [9000], "its own TTL where it fits");
+    assert_eq!(ttls(&strict, &http).await.unwrap(), [2000], "the directory's largest where it does not");
+    // Two of the strict directory's TTLs later, it never expired there
+    // (before, it was refused there forever).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(ttls(&strict, &http).await.unwrap(), [2000]);
     assert_eq!(strict.metric(&http, "dstack_directory_expiries_total").await, 0);
     assert_eq!(roomy.metric(&http, "dstack_directory_expiries_total").await, 0);
     let log = watson.log_text();
     let adapted: Vec<&str> = log.lines().filter(|l| l.contains("heartbeating to it more often")).collect();
     assert_eq!(adapted.len(), 1, "said once:\n{log}");
     let line = adapted[0];
-    assert!(line.contains("WARN") && line.contains(&b) && line.contains("max_ttl=1s"), "{line}");
-    assert!(line.contains("heartbeat_every=333ms") && line.contains("check_every=2s"), "{line}");
+    assert!(line.contains("WARN") && line.contains(&b) && line.contains("max_ttl=2s"), "{line}");
+    assert!(line.contains("heartbeat_every=666ms") && line.contains("check_every=3s"), "{line}");
     assert!(!log.contains("heartbeat failed"), "no heartbeat was refused but the first:\n{log}");
     drop(watson);
 }

@@ -55,6 +55,10 @@ pub struct SnapshotQuery {
     /// `dw apply` can wait for convergence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sherlock: Option<String>,
+    /// The client whose routes it follows (`--client`), checked against a
+    /// sherlock token's `client:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_epoch: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +81,10 @@ pub struct InstanceStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SherlockStatus {
     pub name: String,
+    /// The client whose routes it follows, when it said (older sherlocks
+    /// do not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     /// The snapshot it has applied to its HAProxy: (applied_epoch, applied).
     #[serde(default)]
     pub applied_epoch: u64,

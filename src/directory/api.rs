@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use super::auth::{Action, Caller, Denied, Unauthenticated};
 use super::limits::{check_address, Network};
 use super::{Directory, Full};
-use crate::model::{Heartbeat, InstanceId, InstanceUrl, Snapshot, SnapshotId};
+use crate::model::{ClientName, Heartbeat, InstanceId, InstanceUrl, Snapshot, SnapshotId};
 use crate::prometheus::{Exposition, CONTENT_TYPE};
 use crate::protocol::{ErrorBody, InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck, MAX_WAIT};
 
@@ -368,13 +368,18 @@ async fn get_snapshot(
             .map_err(|e| ApiError::BadRequest(format!("invalid wait {w:?}: {e}; expected a duration such as 30s")))?
             .min(MAX_WAIT),
     };
+    let client = match &query.client {
+        None => None,
+        Some(c) => Some(c.parse::<ClientName>().map_err(|e| ApiError::BadRequest(format!("invalid client: {e}")))?),
+    };
+    let client = caller.sherlock_client(client)?;
     // A sherlock token's own name, whatever the query claims.
     if let Some(name) = caller.sherlock_name(query.sherlock)? {
         let name = name.parse::<InstanceId>().map_err(|_| {
             ApiError::BadRequest(format!("invalid sherlock name {name:?}: 1 to 128 of A-Z a-z 0-9 . _ -"))
         })?;
         let applied = SnapshotId { epoch: query.applied_epoch.unwrap_or(0), index: query.applied.unwrap_or(0) };
-        directory.saw_sherlock(name.to_string(), applied, peer);
+        directory.saw_sherlock(name.to_string(), client, applied, peer);
     }
 
     let held = SnapshotId { epoch: query.epoch, index: query.index };

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{AuthMode, Config, RepoConfig};
 
-use crate::model::{Heartbeat, InstanceId, ServiceName, Snapshot, SnapshotId};
+use crate::model::{ClientName, Heartbeat, InstanceId, ServiceName, Snapshot, SnapshotId};
 use crate::protocol::{InstanceStatus, Rejected, RoutesStatus, SherlockStatus, WriteAck};
 use crate::routes::RouteSet;
 use auth::Auth;
@@ -42,6 +42,8 @@ pub struct Full(pub String);
 /// What the directory knows of a sherlock that follows it.
 #[derive(Debug, Clone)]
 pub struct SherlockSeen {
+    /// The client whose routes it follows, when it said.
+    pub client: Option<ClientName>,
     /// The snapshot it reported as applied.
     pub applied: SnapshotId,
     /// Its address as seen from here.
@@ -428,7 +430,7 @@ impl Directory {
     }
 
     /// Records that a sherlock asked for a snapshot, having applied `applied`.
-    pub fn saw_sherlock(&self, name: String, applied: SnapshotId, peer: SocketAddr) {
+    pub fn saw_sherlock(&self, name: String, client: Option<ClientName>, applied: SnapshotId, peer: SocketAddr) {
         let mut inner = self.inner.lock().unwrap();
         // At the limit, the longest silent sherlock is forgotten for a new one.
         if inner.sherlocks.len() >= self.config.limits.sherlocks && !inner.sherlocks.contains_key(&name) {
@@ -437,7 +439,9 @@ impl Directory {
                 inner.sherlocks.remove(&oldest);
             }
         }
-        inner.sherlocks.insert(name, SherlockSeen { applied, peer: peer.to_string(), last_seen: Instant::now() });
+        inner
+            .sherlocks
+            .insert(name, SherlockSeen { client, applied, peer: peer.to_string(), last_seen: Instant::now() });
     }
 
     /// The registry as `dw route list` and the status page show it.
@@ -473,6 +477,7 @@ impl Directory {
             .filter(|(_, s)| s.last_seen.elapsed() < SHERLOCK_FORGET)
             .map(|(name, s)| SherlockStatus {
                 name: name.clone(),
+                client: s.client.as_ref().map(ToString::to_string),
                 applied_epoch: s.applied.epoch,
                 applied: s.applied.index,
                 peer: s.peer.clone(),

@@ -87,7 +87,7 @@ pub fn render(status: &Status, style: &Style) -> String {
     if status.sherlocks.is_empty() {
         let _ = writeln!(out, "  none subscribed");
     } else {
-        let _ = writeln!(out, "  {:<28} {:>8} {:>5} {:>10}", "NAME", "APPLIED", "LAG", "LAST SEEN");
+        let _ = writeln!(out, "  {:<28} {:<16} {:>8} {:>5} {:>10}", "NAME", "CLIENT", "APPLIED", "LAG", "LAST SEEN");
         let served = status.snapshot_id();
         let mut other_run = false;
         for s in &status.sherlocks {
@@ -95,8 +95,9 @@ pub fn render(status: &Status, style: &Style) -> String {
             let lag = converge::lag(s.applied_id(), served);
             other_run |= lag.is_none();
             let lag_text = lag.map_or("-".to_string(), |n| n.to_string());
-            let line =
-                format!("  {:<28} {:>8} {:>5} {:>9.1}s", s.name, s.applied, lag_text, s.last_seen_ms as f64 / 1000.0);
+            let client = s.client.as_deref().unwrap_or("-");
+            let seen = s.last_seen_ms as f64 / 1000.0;
+            let line = format!("  {:<28} {client:<16} {:>8} {:>5} {seen:>9.1}s", s.name, s.applied, lag_text);
             let _ = writeln!(out, "{}", if lag != Some(0) { style.paint(Style::YELLOW, &line) } else { line });
         }
         if other_run {

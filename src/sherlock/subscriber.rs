@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 use super::admin;
 use super::config::Config;
 use crate::backoff::Backoff;
-use crate::client::{ClientError, DirectoryClient};
-use crate::model::{Snapshot, SnapshotId};
+use crate::client::{ClientError, DirectoryClient, Reporter};
+use crate::model::{ClientName, Snapshot, SnapshotId};
 
 /// How long one blocking query waits for a change.
 const POLL_WAIT: Duration = Duration::from_secs(30);
@@ -92,8 +92,8 @@ pub async fn run(
     for (index, client) in clients.iter().cloned().enumerate() {
         let (report_tx, report_rx) = watch::channel(*applied.borrow());
         reports.push(report_tx);
-        let name = config.name.to_string();
-        followers.spawn(follow(index, client, name, report_rx, events_tx.clone(), shutdown.clone()));
+        let me = (config.name.to_string(), config.client.clone());
+        followers.spawn(follow(index, client, me, report_rx, events_tx.clone(), shutdown.clone()));
     }
     drop(events_tx);
 
@@ -183,7 +183,7 @@ fn log_failure(e: &ClientError) {
 async fn follow(
     index: usize,
     client: DirectoryClient,
-    name: String,
+    (name, client_name): (String, ClientName),
     mut report: watch::Receiver<SnapshotId>,
     events: mpsc::Sender<Event>,
     shutdown: CancellationToken,
@@ -193,7 +193,7 @@ async fn follow(
     let mut held = SnapshotId::default();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
-        let me = (name.as_str(), *report.borrow_and_update());
+        let me = Reporter { name: name.as_str(), client: &client_name, applied: *report.borrow_and_update() };
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = client.snapshot(held, POLL_WAIT, Some(me)) => r,

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use crate::model::{
     ClientName, DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotError, SnapshotId, MAX_SNAPSHOT_BYTES,
 };
-use crate::protocol::{InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck};
+use crate::protocol::{ErrorBody, InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck};
 use crate::secret::Secret;
 use crate::tls::ClientTls;
 
@@ -72,7 +72,13 @@ pub enum ClientError {
         hint: &'static str,
     },
     #[error("directory {addr} refused the request ({status}): {message}")]
-    Refused { addr: DirectoryAddr, status: u16, message: String },
+    Refused {
+        addr: DirectoryAddr,
+        status: u16,
+        message: String,
+        /// A heartbeat refused for its TTL: the largest the directory accepts.
+        max_ttl_ms: Option<u64>,
+    },
     #[error("directory {addr} sent a reply that could not be read: {source}")]
     Decode {
         addr: DirectoryAddr,
@@ -93,6 +99,14 @@ impl ClientError {
     /// A refusal (4xx) will not go away by retrying the same request.
     pub fn is_refusal(&self) -> bool {
         matches!(self, ClientError::Refused { status, .. } if (400..500).contains(status))
+    }
+
+    /// The largest TTL the directory accepts, when it refused a heartbeat's.
+    pub fn max_ttl(&self) -> Option<Duration> {
+        match self {
+            ClientError::Refused { max_ttl_ms: Some(ms), .. } => Some(Duration::from_millis(*ms)),
+            _ => None,
+        }
     }
 }
 
@@ -223,11 +237,11 @@ impl DirectoryClient {
         let status = resp.status();
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or(body);
-            return Err(ClientError::Refused { addr: self.addr.clone(), status: status.as_u16(), message });
+            let (message, max_ttl_ms) = match serde_json::from_str::<ErrorBody>(&body) {
+                Ok(refusal) => (refusal.error, refusal.max_ttl_ms),
+                Err(_) => (body, None),
+            };
+            return Err(ClientError::Refused { addr: self.addr.clone(), status: status.as_u16(), message, max_ttl_ms });
         }
         Ok(resp)
     }

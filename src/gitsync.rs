@@ -339,6 +339,25 @@ impl Mirror {
             .map_err(ctx(format!("recording {commit} as the commit in force")))?;
         Ok(())
     }
+    /// How many commits `commit`'s history holds (`git rev-list --count`).
+    pub fn commit_count(&self, commit: Oid) -> Result<u64, GitError> {
+        commit_count(&self.repo, commit)
+    }
+}
+
+/// How many commits `commit`'s history holds, itself included (`git
+/// rev-list --count COMMIT`). A descendant always holds more than its
+/// ancestor, and every mirror counts the same commit alike: several
+/// directories order their commits by it (README.md, "Several directories").
+pub fn commit_count(repo: &Repository, commit: Oid) -> Result<u64, GitError> {
+    let mut walk = repo.revwalk().map_err(ctx("walking the history"))?;
+    walk.push(commit).map_err(ctx("walking the history"))?;
+    let mut count = 0;
+    for oid in walk {
+        oid.map_err(ctx("walking the history"))?;
+        count += 1;
+    }
+    Ok(count)
 }
 
 /// The subject line of a commit ("" if unreadable).

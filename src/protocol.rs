@@ -24,6 +24,11 @@ pub struct WriteAck {
     pub removed: Option<bool>,
     pub epoch: u64,
     pub index: u64,
+    /// For a `PUT`: the largest `ttl_ms` this directory accepts (its
+    /// `--max-ttl`), so that a watson whose own TTL is longer heartbeats
+    /// often enough to stay inside it. Absent from older directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttl_ms: Option<u64>,
 }
 
 impl WriteAck {
@@ -184,4 +189,34 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    /// On a heartbeat refused for its `ttl_ms`: the largest this directory
+    /// accepts, so that watson can adapt instead of being refused again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttl_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Old directories and old watsons: the field is optional both ways.
+    #[test]
+    fn max_ttl_ms_is_optional_both_ways() {
+        let old: WriteAck = serde_json::from_str(r#"{"epoch":1,"index":2}"#).unwrap();
+        assert_eq!(old.max_ttl_ms, None);
+        let new = WriteAck { removed: None, epoch: 1, index: 2, max_ttl_ms: Some(10_000) };
+        let json = serde_json::to_string(&new).unwrap();
+        assert_eq!(json, r#"{"epoch":1,"index":2,"max_ttl_ms":10000}"#);
+        // What an older watson reads: its WriteAck had no such field, and
+        // unknown fields are ignored.
+        #[derive(Deserialize)]
+        struct OldAck {
+            epoch: u64,
+            index: u64,
+        }
+        let read: OldAck = serde_json::from_str(&json).unwrap();
+        assert_eq!((read.epoch, read.index), (1, 2));
+        let refusal: ErrorBody = serde_json::from_str(r#"{"error":"no"}"#).unwrap();
+        assert_eq!(refusal.max_ttl_ms, None);
+    }
 }

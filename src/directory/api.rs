@@ -66,12 +66,16 @@ pub enum ApiError {
     /// A limit of the directory's is reached (see `limits`).
     #[error("{0}")]
     TooMany(String),
+    /// A heartbeat's `ttl_ms` outside what this directory accepts; the
+    /// answer carries the largest it accepts, so that watson can adapt.
+    #[error("{message}")]
+    Ttl { message: String, max_ttl_ms: u64 },
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Ttl { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -80,7 +84,11 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
         };
-        let mut resp = (status, Json(ErrorBody { error: self.to_string() })).into_response();
+        let max_ttl_ms = match &self {
+            ApiError::Ttl { max_ttl_ms, .. } => Some(*max_ttl_ms),
+            _ => None,
+        };
+        let mut resp = (status, Json(ErrorBody { error: self.to_string(), max_ttl_ms })).into_response();
         if status == StatusCode::UNAUTHORIZED {
             // RFC 6750: a 401 says which scheme would do.
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
@@ -292,19 +300,26 @@ async fn put_instance(
     JsonBody(heartbeat): JsonBody<Heartbeat>,
 ) -> Result<Json<WriteAck>, ApiError> {
     let max_ttl_ms = directory.config.max_ttl.as_millis() as u64;
-    if !(MIN_TTL_MS..=max_ttl_ms.max(MIN_TTL_MS)).contains(&heartbeat.ttl_ms) {
-        return Err(ApiError::BadRequest(format!(
-            "ttl_ms {} is out of range: this directory accepts {MIN_TTL_MS}..={max_ttl_ms} (its --max-ttl)",
-            heartbeat.ttl_ms
-        )));
+    let max_ttl_ms = max_ttl_ms.max(MIN_TTL_MS);
+    if !(MIN_TTL_MS..=max_ttl_ms).contains(&heartbeat.ttl_ms) {
+        return Err(ApiError::Ttl {
+            message: format!(
+                "ttl_ms {} is out of range: this directory accepts {MIN_TTL_MS}..={max_ttl_ms} (its --max-ttl)",
+                heartbeat.ttl_ms
+            ),
+            max_ttl_ms,
+        });
     }
     caller.check(Action::Register(&heartbeat.service))?;
     if !directory.is_refresh(&id, &heartbeat) {
         check_destination(&directory.config.allow_networks, &heartbeat.url).await?;
     }
     // The id may already be held by an instance of another service.
-    let ack =
+    let mut ack =
         directory.heartbeat_if(id, heartbeat, |held| caller.check(Action::Register(held)).map_err(ApiError::from))?;
+    // Every answer says it, so a watson that adapted also learns when a
+    // restarted directory accepts more again.
+    ack.max_ttl_ms = Some(max_ttl_ms);
     Ok(Json(ack))
 }
 
@@ -639,6 +654,24 @@ mod tests {
             let msg = json["error"].as_str().unwrap_or_default();
             assert!(msg.contains(want), "{uri} {body}: {msg}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_heartbeat_answer_and_the_ttl_refusal_carry_the_largest_ttl() {
+        let (app, _) = app_for_test();
+        let (status, ack) = call(&app, "PUT", "/v1/instances/e1", GOOD).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(ack["max_ttl_ms"], 10_000, "{ack}");
+        let (status, _) = call(&app, "DELETE", "/v1/instances/e1", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let long = GOOD.replace("3000", "30000");
+        let (status, json) = call(&app, "PUT", "/v1/instances/e1", &long).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(json["max_ttl_ms"], 10_000, "{json}");
+        assert!(json["error"].as_str().unwrap().contains("accepts 100..=10000 (its --max-ttl)"), "{json}");
+        // Any other refusal has no such field.
+        let (_, json) = call(&app, "PUT", "/v1/instances/e1", "{").await;
+        assert!(json.get("max_ttl_ms").is_none(), "{json}");
     }
 
     #[tokio::test]

@@ -86,6 +86,9 @@ struct Inner {
     routes_status: RoutesStatus,
     /// The publisher's deadlines and whether a change waits.
     schedule: Schedule,
+    /// A commit and its history's length; published with the commit in
+    /// force when they match.
+    commit_count: Option<(String, u64)>,
 }
 
 /// One running directory, shared by the HTTP handlers, the publisher and
@@ -222,7 +225,7 @@ impl Directory {
     /// next one while a change is pending, else the one served.
     fn ack(&self, inner: &Inner, removed: Option<bool>) -> WriteAck {
         let served = self.snapshots.borrow().index;
-        WriteAck { removed, epoch: self.epoch, index: served + u64::from(inner.schedule.pending) }
+        WriteAck { removed, epoch: self.epoch, index: served + u64::from(inner.schedule.pending), max_ttl_ms: None }
     }
 
     /// Puts a validated routes commit in force.
@@ -255,6 +258,18 @@ impl Directory {
     /// Records that a fetch started (`Some(RFC 3339)`) or ended (None).
     pub fn fetch_started(&self, since: Option<String>) {
         self.inner.lock().unwrap().routes_status.fetching_since = since;
+    }
+
+    /// Records how many commits `commit`'s history holds; it reaches the
+    /// snapshots while `commit` is in force.
+    pub fn set_commit_count(&self, commit: &str, count: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        let in_force = inner.routes_status.commit.as_deref() == Some(commit);
+        let published = self.snapshots.borrow().commit_count;
+        inner.commit_count = Some((commit.to_string(), count));
+        if in_force && published != Some(count) {
+            self.changed(&mut inner);
+        }
     }
 
     /// Records a successful fetch that changed nothing in force: the commit
@@ -418,6 +433,11 @@ impl Directory {
             epoch: self.epoch,
             index: current.index + 1,
             commit: inner.routes_status.commit.clone(),
+            commit_count: inner
+                .commit_count
+                .as_ref()
+                .filter(|(commit, _)| inner.routes_status.commit.as_ref() == Some(commit))
+                .map(|(_, count)| *count),
             warming: inner.schedule.warming_until.is_some(),
             services: merged.services,
             clients: merged.clients,

@@ -147,6 +147,15 @@ struct Outcome {
     commit: Oid,
     summary: String,
     verdict: Verdict,
+    /// An accepted commit's history length, by which sherlocks tell a
+    /// directory that is behind (README.md, "Several directories").
+    count: Option<u64>,
+}
+
+/// `commit`'s history length, or None with a warning: sherlocks then rank
+/// this directory by its other merits.
+fn count(mirror: &Mirror, commit: Oid) -> Option<u64> {
+    mirror.commit_count(commit).map_err(|e| tracing::warn!(error = %e, "cannot count the commits")).ok()
 }
 
 /// One pass, blocking: fetch, judge the head and, when it is accepted,
@@ -183,7 +192,8 @@ fn pass(
             .set_in_force(head)
             .map_err(|e| GitError::Other(format!("{e}; the commit is not put in force until it can be recorded")))?;
     }
-    Ok(Outcome { commit: head, summary: mirror.summary(head), verdict })
+    let count = if matches!(verdict, Verdict::Accept(_)) { count(&mirror, head) } else { None };
+    Ok(Outcome { commit: head, summary: mirror.summary(head), verdict, count })
 }
 
 /// Hands a pass's outcome to the directory.
@@ -194,6 +204,10 @@ fn apply(directory: &Directory, outcome: Outcome) {
         Verdict::StillRejected => directory.routes_fetched(None, false),
         Verdict::Accept(routes) => {
             tracing::info!(commit = %commit, services = routes.routes.len(), "routes commit accepted");
+            // Before the routes, so that their first snapshot carries it.
+            if let Some(n) = outcome.count {
+                directory.set_commit_count(&commit, n);
+            }
             directory.set_routes(commit, outcome.summary, routes);
         }
         Verdict::Reject(kind, errors) => {
@@ -237,6 +251,9 @@ fn restore(directory: &Directory, repo: &RepoConfig, mirror_path: &Path) {
     match routes {
         Ok(routes) => {
             tracing::info!(commit = %commit, services = routes.routes.len(), "serving the commit in force before the restart until the first fetch");
+            if let Some(n) = count(&mirror, commit) {
+                directory.set_commit_count(&commit.to_string(), n);
+            }
             directory.restore_routes(commit.to_string(), mirror.summary(commit), routes);
         }
         Err(e) => {

@@ -42,6 +42,9 @@ impl Setup {
             cluster.wait_for_instances("barker", versions.len()).await;
         }
         cluster.wait_for_commit(initial).await;
+        // The end of warming publishes a snapshot; the tests check that
+        // plan publishes none.
+        cluster.wait_until_warm().await;
         Setup { repo, initial, cluster, instances, _watsons: watsons, _tmp: tmp }
     }
 

@@ -339,7 +339,11 @@ impl Cluster {
                     .iter()
                     .map(|i| {
                         let url = i.url();
-                        listed.iter().find(|l| l["url"] == url.as_str()).and_then(|l| l["id"].as_str()).map(String::from)
+                        listed
+                            .iter()
+                            .find(|l| l["url"] == url.as_str())
+                            .and_then(|l| l["id"].as_str())
+                            .map(String::from)
                     })
                     .collect();
                 if ids.iter().all(Option::is_some) {

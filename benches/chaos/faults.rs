@@ -50,25 +50,63 @@ pub struct Row {
     failed: String,
     routes: String,
     recover: String,
+    /// Why the issue's goal is not met; empty when it is.
+    unmet: Vec<String>,
+    played: bool,
     notes: Vec<String>,
 }
 
 impl Row {
     fn not_played(fault: &'static Fault, why: String) -> Row {
         let dash = || "—".to_string();
-        Row { fault, requests: dash(), failed: dash(), routes: dash(), recover: dash(), notes: vec![why] }
+        let (requests, failed, routes, recover) = (dash(), dash(), dash(), dash());
+        Row { fault, requests, failed, routes, recover, unmet: Vec::new(), played: false, notes: vec![why] }
     }
+
+    pub fn met(&self) -> bool {
+        self.played && self.unmet.is_empty()
+    }
+
+    pub fn id(&self) -> &'static str {
+        self.fault.id
+    }
+
+    fn goal(&self) -> String {
+        match (self.played, self.unmet.is_empty()) {
+            (false, _) => "—".into(),
+            (true, true) => "met".into(),
+            (true, false) => format!("**not met**: {}", self.unmet.join(", ")),
+        }
+    }
+}
+
+/// What the issue allows a fault's clients to see.
+enum Judge {
+    /// No failed request.
+    NoFailure,
+    /// HAProxy's master dies: the failures span at most this long.
+    Gap(Duration),
+    /// A sick instance (its server name, and when it fell sick): only
+    /// requests sent before HAProxy took it out may fail.
+    SickInstance(String, Instant),
 }
 
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| # | fault | requests | failed (by kind) | routes intact | time to recover | notes |\n|---|---|---|---|---|---|---|\n",
+        "| # | fault | requests | failed (by kind) | routes intact | time to recover | goal | notes |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let notes = r.notes.join("; ").replace('|', "\\|").replace('\n', " ");
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
-            r.fault.id, r.fault.name, r.requests, r.failed, r.routes, r.recover, notes
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.fault.id,
+            r.fault.name,
+            r.requests,
+            r.failed,
+            r.routes,
+            r.recover,
+            r.goal(),
+            notes
         ));
     }
     out.push_str(&format!(
@@ -78,7 +116,11 @@ pub fn table(rows: &[Row]) -> String {
          with no wrong stretch of {} ms or more, and every instance is back at the end. Time to recover: \
          from the fault's end (the restart, SIGCONT or repair; the kill itself where nothing is restarted) \
          until requests succeed, HAProxy has every instance with git's weights, and sherlock has applied \
-         the directory's current snapshot.\n",
+         the directory's current snapshot. Goal (the issue's): no failed request, except within a \
+         bounded gap for 7 (1 s) and for requests sent to a sick instance before HAProxy took it out \
+         (9, 10); routes intact; the cluster whole again within 60 s; and the fault's own promise \
+         where it has one (4: no change in HAProxy; 11: the directory fetches again by itself; 14: the \
+         failed write reported, HAProxy as haproxy.cfg says, the file right once repaired).\n",
         CLIENT_TIMEOUT.as_secs(),
         EPISODE_MIN.as_millis()
     ));
@@ -117,11 +159,12 @@ pub async fn run(selected: Vec<&'static Fault>) -> Vec<Row> {
             Err(e) => Row::not_played(f, format!("FAILED: {}", panic_text(e))),
         };
         eprintln!(
-            "    {} requests, failed {}, routes intact: {}, recovered in {}; {} ({:.0} s)",
+            "    {} requests, failed {}, routes intact: {}, recovered in {}, goal {}; {} ({:.0} s)",
             row.requests,
             row.failed,
             row.routes,
             row.recover,
+            row.goal(),
             row.notes.join("; "),
             t0.elapsed().as_secs_f64()
         );
@@ -201,7 +244,13 @@ fn following(c: &Cluster, s: &Value) -> String {
     }
 }
 
-async fn whole(c: &Cluster, want: &[Weights], commit: git2::Oid, warm: bool, limit: Duration) -> Result<Instant, String> {
+async fn whole(
+    c: &Cluster,
+    want: &[Weights],
+    commit: git2::Oid,
+    warm: bool,
+    limit: Duration,
+) -> Result<Instant, String> {
     let t0 = Instant::now();
     loop {
         let why = match check_whole(c, want, commit, warm).await {
@@ -314,6 +363,7 @@ async fn end(
     fault_end: Instant,
     want: Vec<Weights>,
     mut notes: Vec<String>,
+    judge: Judge,
 ) -> (Row, LoadResult, MonitorResult) {
     let limit = Duration::from_secs(60);
     let whole_at = whole(c, &want, c.good.0, false, limit).await;
@@ -339,12 +389,56 @@ async fn end(
     if mon.silent_total() > Duration::ZERO {
         notes.push(format!("HAProxy's socket silent {} in all", secs(mon.silent_total())));
     }
+    let brief: Vec<Duration> = mon.episodes.iter().map(|e| e.to - e.from).filter(|d| *d < EPISODE_MIN).collect();
+    if let Some(longest) = brief.iter().max() {
+        notes.push(format!(
+            "{} shorter wrong stretches, longest {} ms (not counted)",
+            brief.len(),
+            longest.as_millis()
+        ));
+    }
+    let mut unmet = Vec::new();
+    match judge {
+        Judge::NoFailure if !load.failures.is_empty() => unmet.push("requests failed".to_string()),
+        Judge::NoFailure => {}
+        Judge::Gap(bound) => {
+            if let Some(gap) = load.gap().filter(|g| *g > bound) {
+                unmet.push(format!("a gap of {} (over {})", secs(gap), secs(bound)));
+            }
+        }
+        Judge::SickInstance(server, since) => match mon.left(&server, since) {
+            Some(out) => {
+                notes.push(format!(
+                    "out of rotation {} after it fell sick; failed requests sent after that: {}",
+                    secs(out - since),
+                    load.sent_after(out)
+                ));
+                if load.sent_after(out) > 0 {
+                    unmet.push("requests sent after it was out failed".into());
+                }
+            }
+            None => {
+                notes.push("never out of rotation".into());
+                if !load.failures.is_empty() {
+                    unmet.push("requests failed and it was never out".into());
+                }
+            }
+        },
+    }
+    if !lasting.is_empty() || whole_at.is_err() {
+        unmet.push("routes not intact".into());
+    }
+    if whole_at.is_err() {
+        unmet.push("not whole again".into());
+    }
     let row = Row {
         fault: f,
         requests: load.requests.to_string(),
         failed: load.by_kind(),
         routes,
         recover,
+        unmet,
+        played: true,
         notes,
     };
     if whole_at.is_err() {
@@ -408,7 +502,7 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                 notes.push(format!("10 s on, the remote still down: {}", directory_said(c, &d1).await));
                 c.git.set(Mode::Serve);
             }
-            end(c, f, play, t, vec![base], notes).await.0
+            end(c, f, play, t, vec![base], notes, Judge::NoFailure).await.0
         }
         "3" => {
             let play = begin(c, base.clone()).await;
@@ -422,7 +516,7 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             if let Ok(d) = c.wait_directory(&d1, Duration::from_secs(15)).await {
                 notes.push(format!("answers {} after the restart: {}", secs(d), directory_said(c, &d1).await));
             }
-            end(c, f, play, t, vec![base], notes).await.0
+            end(c, f, play, t, vec![base], notes, Judge::NoFailure).await.0
         }
         "4" => {
             c.d2.start(&dir);
@@ -463,16 +557,19 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             tokio::time::sleep(Duration::from_secs(5).saturating_sub(t.elapsed())).await;
             c.d1.start(&dir);
             let t_end = Instant::now();
-            let (mut row, _, mon) = end(c, f, play, t_end, vec![base], notes).await;
-            let reloads1 = reloads(c.sherlock_metrics().await);
+            let (mut row, _, mon) = end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await;
+            let reloaded = match (reloads0, reloads(c.sherlock_metrics().await)) {
+                (Some(a), Some(b)) => Some(b - a),
+                _ => None,
+            };
             row.notes.push(format!(
                 "HAProxy's servers changed {} times, sherlock reloaded {} times during it",
                 mon.changes,
-                match (reloads0, reloads1) {
-                    (Some(a), Some(b)) => (b - a).to_string(),
-                    _ => "?".into(),
-                }
+                reloaded.map_or("?".into(), |n| n.to_string())
             ));
+            if mon.changes > 0 || reloaded != Some(0) {
+                row.unmet.push("HAProxy changed in a failover between equal directories".into());
+            }
             // Back to one directory, out of the measure.
             let _ = c.d2.sigterm(Duration::from_secs(10));
             row
@@ -502,9 +599,10 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                 }
                 Err(e) => notes.push(format!("while the directory was silent: {e}")),
             }
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            tokio::time::sleep(Duration::from_secs(3).saturating_sub(t.elapsed())).await;
             c.d1.signal(libc::SIGCONT);
-            end(c, f, play, t, vec![base], notes).await.0
+            let t_end = Instant::now();
+            end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0
         }
         "6" | "7" => {
             let play = begin(c, base.clone()).await;
@@ -522,10 +620,13 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                 },
                 None => notes.push("no HAProxy process found to kill".into()),
             }
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let after = c.haproxy_procs();
-            notes.push(format!("HAProxy master/workers {:?} → {:?}", before, after));
-            let (mut row, load, _) = end(c, f, play, t, vec![base], notes).await;
+            let judge = if f.id == "7" { Judge::Gap(Duration::from_secs(1)) } else { Judge::NoFailure };
+            let (mut row, load, _) = end(c, f, play, t, vec![base], notes, judge).await;
+            let procs = |p: &Option<(i32, Vec<u32>)>| match p {
+                Some((master, workers)) => format!("master {master} worker {workers:?}"),
+                None => "none".into(),
+            };
+            row.notes.push(format!("HAProxy {} → {}", procs(&before), procs(&c.haproxy_procs())));
             if let Some(gap) = load.gap() {
                 row.notes.push(format!("gap: first to last failed request {}", secs(gap)));
             }
@@ -541,26 +642,19 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             }
             c.instances[0].restart().await;
             let t_end = Instant::now();
-            end(c, f, play, t_end, vec![base], notes).await.0
+            end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0
         }
         "9" | "10" => {
-            let (i, on, off) = if f.id == "9" { (0, libc::SIGSTOP, libc::SIGCONT) } else { (1, libc::SIGUSR1, libc::SIGUSR2) };
+            let (i, on, off) =
+                if f.id == "9" { (0, libc::SIGSTOP, libc::SIGCONT) } else { (1, libc::SIGUSR1, libc::SIGUSR2) };
             let play = begin(c, base.clone()).await;
             c.instances[i].signal(on);
             let t = Instant::now();
             tokio::time::sleep(Duration::from_secs(20)).await;
             c.instances[i].signal(off);
             let t_end = Instant::now();
-            let id = c.ids[i].clone();
-            let (mut row, load, mon) = end(c, f, play, t_end, vec![base], notes).await;
-            match mon.left(&id, t) {
-                Some(out) => row.notes.push(format!(
-                    "out of rotation {} after the fault began; failed requests sent after that: {}",
-                    secs(out - t),
-                    load.sent_after(out)
-                )),
-                None => row.notes.push("never out of rotation".into()),
-            }
+            let judge = Judge::SickInstance(c.ids[i].clone(), t);
+            let (mut row, load, _) = end(c, f, play, t_end, vec![base], notes, judge).await;
             if let Some(gap) = load.gap() {
                 row.notes.push(format!("first to last failed request {}", secs(gap)));
             }
@@ -571,11 +665,12 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             c.git.set(Mode::Hang);
             let t = Instant::now();
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let z = c.push(&[("README.md", "pushed while the remote hangs\n")], "chaos: a commit while the remote hangs");
+            let z =
+                c.push(&[("README.md", "pushed while the remote hangs\n")], "chaos: a commit while the remote hangs");
             c.good.0 = z;
             let (took, answer) = c.reconcile(&d1, Duration::from_secs(10)).await;
             notes.push(match answer {
-                Ok(a) => format!("POST /v1/reconcile answered in {}: {a}", secs(took)),
+                Ok(a) => format!("POST /v1/reconcile answered in {}: {}", secs(took), reconciled(Ok(a))),
                 Err(e) => format!("POST /v1/reconcile: {e}"),
             });
             tokio::time::sleep(Duration::from_secs(20).saturating_sub(t.elapsed())).await;
@@ -593,10 +688,12 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             };
+            let stuck = fetched.is_none();
             match fetched {
                 Some(d) => notes.push(format!("fetched the new commit {} after the remote came back", secs(d))),
                 None => {
-                    notes.push(format!("still stuck 20 s after the remote came back: {}", directory_said(c, &d1).await));
+                    notes
+                        .push(format!("still stuck 20 s after the remote came back: {}", directory_said(c, &d1).await));
                     match c.d1.sigterm(Duration::from_secs(10)) {
                         Ok(d) => notes.push(format!("SIGTERM stopped it in {}; restarted", secs(d))),
                         Err(_) => notes.push("it ignored SIGTERM for 10 s (SIGKILLed, restarted)".into()),
@@ -605,8 +702,11 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                     c.d1.start(&dir);
                 }
             }
-            let row = end(c, f, play, t_end, vec![base], notes).await.0;
+            let mut row = end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0;
             c.git.release();
+            if stuck {
+                row.unmet.push("the directory stayed stuck on the hung fetch".into());
+            }
             row
         }
         "12" => {
@@ -621,7 +721,7 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             c.force_push(x);
             let t = Instant::now();
             let (took, answer) = c.reconcile(&d1, Duration::from_secs(10)).await;
-            notes.push(format!("reconcile answered in {}: {}", secs(took), answer.unwrap_or_else(|e| e)));
+            notes.push(format!("reconcile answered in {}: {}", secs(took), reconciled(answer)));
             tokio::time::sleep(Duration::from_secs(5).saturating_sub(t.elapsed())).await;
             notes.push(format!("5 s on: {}", directory_said(c, &d1).await));
             // The repair: forward again, to 90/10 on top of 80/20.
@@ -629,21 +729,21 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             play.monitor.expect(vec![base.clone()]);
             c.good = (z, base.clone());
             let t_end = Instant::now();
-            end(c, f, play, t_end, vec![base], notes).await.0
+            end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0
         }
         "13" => {
             let play = begin(c, base.clone()).await;
             let d = c.push_removal("routes/barker.yaml", "remove every route");
             let t = Instant::now();
             let (took, answer) = c.reconcile(&d1, Duration::from_secs(10)).await;
-            notes.push(format!("reconcile answered in {}: {}", secs(took), answer.unwrap_or_else(|e| e)));
+            notes.push(format!("reconcile answered in {}: {}", secs(took), reconciled(answer)));
             tokio::time::sleep(Duration::from_secs(5).saturating_sub(t.elapsed())).await;
             notes.push(format!("5 s on: {}", directory_said(c, &d1).await));
             let r = c.repo().revert(d);
             c.poke();
             c.good.0 = r;
             let t_end = Instant::now();
-            end(c, f, play, t_end, vec![base], notes).await.0
+            end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0
         }
         "14a" | "14b" => {
             let Some(mount) = &c.run_mount else {
@@ -674,8 +774,21 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                 Some(_) => "**a mix**",
                 None => "**no answer**",
             };
+            let mut promise = Vec::new();
+            let on_disk = match cfg_servers(&c.run_dir.join("haproxy.cfg")) {
+                Some(s) if mismatch(&s, &w8020).is_none() => "the new weights",
+                Some(s) if mismatch(&s, &base).is_none() => "the old weights",
+                Some(_) => "**a mix**",
+                None => "**unreadable**",
+            };
+            if state != on_disk {
+                promise.push("half-applied: HAProxy and haproxy.cfg disagree".to_string());
+            }
+            if s["last_error"].is_null() {
+                promise.push("the failed write not reported in /status".to_string());
+            }
             notes.push(format!(
-                "5 s on: HAProxy has {state}; sherlock: haproxy_running {}, last_error {}",
+                "5 s on: HAProxy has {state}, haproxy.cfg {on_disk}; sherlock: haproxy_running {}, last_error {}",
                 s["haproxy_running"],
                 s["last_error"].as_str().map(|e| format!("{:?}", &e[..e.len().min(100)])).unwrap_or("none".into())
             ));
@@ -690,7 +803,13 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             let t_end = Instant::now();
             play.monitor.expect(vec![w8020.clone()]);
             c.good = (w, w8020.clone());
-            let row = end(c, f, play, t_end, vec![w8020], notes).await.0;
+            let mut row = end(c, f, play, t_end, vec![w8020.clone()], notes, Judge::NoFailure).await.0;
+            let rewritten = cfg_servers(&c.run_dir.join("haproxy.cfg")).is_some_and(|s| mismatch(&s, &w8020).is_none());
+            row.notes.push(format!("haproxy.cfg has the new weights once repaired: {rewritten}"));
+            if !rewritten {
+                promise.push("haproxy.cfg not rewritten after the repair".into());
+            }
+            row.unmet.extend(promise);
             // Back to 90/10, out of the measure.
             let b = c.push(&[("routes/barker.yaml", &routes_yaml(&base))], "barker: back to v1 90, v2 10");
             c.good = (b, base);
@@ -710,7 +829,7 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             c.instances[3].restart().await;
             c.watsons[3] = Some(c.start_watson(3));
             let t_end = Instant::now();
-            end(c, f, play, t_end, vec![base], notes).await.0
+            end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0
         }
         other => unreachable!("fault {other}"),
     }
@@ -732,4 +851,42 @@ fn fill(path: &std::path::Path) -> Result<String, String> {
     }
     let _ = file.sync_all();
     Ok(format!("disk full ({} KiB of filler)", written >> 10))
+}
+
+/// A reconcile answer in brief: the commit in force, any rejected commit, any error.
+fn reconciled(answer: Result<String, String>) -> String {
+    let text = match answer {
+        Ok(text) => text,
+        Err(e) => return e,
+    };
+    let (status, body) = text.split_once(' ').unwrap_or((&text, ""));
+    match serde_json::from_str::<Value>(body) {
+        Ok(v) => format!(
+            "{status}, commit {}, rejected {}, error {}",
+            short(&v["commit"]),
+            short(&v["rejected"]["commit"]),
+            v["error"].as_str().map(|e| format!("{:?}", &e[..e.len().min(80)])).unwrap_or("none".into())
+        ),
+        Err(_) => text.chars().take(120).collect(),
+    }
+}
+
+/// The servers of `haproxy.cfg` on disk (`server NAME ADDR weight W` in
+/// the service's backend), as the monitor reads them from HAProxy.
+fn cfg_servers(path: &std::path::Path) -> Option<crate::load::Servers> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut out = crate::load::Servers::new();
+    let mut inside = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("backend ") {
+            inside = name.trim() == crate::env::BACKEND;
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if inside && f.first() == Some(&"server") {
+            let weight = f.iter().position(|w| *w == "weight").and_then(|i| f.get(i + 1)?.parse().ok()).unwrap_or(1);
+            out.insert(f[1].to_string(), crate::load::Server { weight, in_rotation: weight > 0 });
+        }
+    }
+    Some(out)
 }

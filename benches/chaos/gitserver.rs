@@ -161,9 +161,12 @@ async fn cgi(State(root): State<Arc<PathBuf>>, req: Request) -> Response<Body> {
     };
     let _ = writer.await;
     let text = &out.stdout;
-    let Some(split) = text.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, i + 4)).or_else(|| {
-        text.windows(2).position(|w| w == b"\n\n").map(|i| (i, i + 2))
-    }) else {
+    let Some(split) = text
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4))
+        .or_else(|| text.windows(2).position(|w| w == b"\n\n").map(|i| (i, i + 2)))
+    else {
         return fail(format!("no CGI header: {}", String::from_utf8_lossy(&out.stderr)));
     };
     let mut resp = Response::builder().status(StatusCode::OK);

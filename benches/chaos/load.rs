@@ -221,7 +221,9 @@ pub fn mismatch(servers: &Servers, want: &Weights) -> Option<String> {
     }
     let total: u64 = by_version.values().sum();
     if total == 0 {
-        return Some("no server in rotation".into());
+        let listed = servers.len();
+        let zero = servers.values().filter(|s| s.weight == 0).count();
+        return Some(format!("no server in rotation ({listed} listed, {zero} of weight 0)"));
     }
     let live_want: u32 = want.iter().filter(|(v, _)| by_version.contains_key(v.as_str())).map(|(_, w)| w).sum();
     let mut wrong = Vec::new();

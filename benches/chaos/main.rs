@@ -9,7 +9,8 @@
 //! when none is given), e.g. `-- 7 12`. Loopback only, in a temp dir; every
 //! process it starts (directories, watsons, instances, sherlock, HAProxy) is
 //! ended before it returns, on a panic too. It needs `haproxy` and `git`
-//! on the PATH, and root for the run dir's tmpfs (fault 14).
+//! on the PATH, and root for the run dir's tmpfs (fault 14). It exits 1
+//! when a fault misses the goal or could not be played.
 //!
 //! 1. directory SIGKILL and restart, remote reachable; 2. the same with the
 //! remote unreachable; 3. directory down for 30 s; 4. one of two directories
@@ -61,6 +62,11 @@ fn main() {
     println!("\n==================== chaos (markdown) ====================\n");
     println!("{}", faults::table(&rows));
     println!("whole run: {:.0} s", started.elapsed().as_secs_f64());
+    let short: Vec<&str> = rows.iter().filter(|r| !r.met()).map(|r| r.id()).collect();
+    if !short.is_empty() {
+        eprintln!("chaos: goal not met or fault not played: {}", short.join(", "));
+        std::process::exit(1);
+    }
 }
 
 /// An instance: answers `NAME URI` (and `alive` on `.../liveness_check`);

@@ -119,8 +119,9 @@ pub fn table(rows: &[Row]) -> String {
          the directory's current snapshot. Goal (the issue's): no failed request, except within a \
          bounded gap for 7 (1 s) and for requests sent to a sick instance before HAProxy took it out \
          (9, 10); routes intact; the cluster whole again within 60 s; and the fault's own promise \
-         where it has one (4: no change in HAProxy; 11: the directory fetches again by itself; 14: the \
-         failed write reported, HAProxy as haproxy.cfg says, the file right once repaired).\n",
+         where it has one (4: no change in HAProxy; 8, 15: the instance leaves HAProxy; 11: the directory fetches \
+         again by itself; 12, 13: a rejected commit in /v1/status; 14: the failed write reported, \
+         HAProxy as haproxy.cfg says, the file right once repaired).\n",
         CLIENT_TIMEOUT.as_secs(),
         EPISODE_MIN.as_millis()
     ));
@@ -267,7 +268,7 @@ async fn whole(
 /// The cluster at rest before a fault; repaired once if it is not.
 async fn ready(c: &mut Cluster) -> Result<(), String> {
     let good = c.good.clone();
-    if whole(c, &[good.1.clone()], good.0, true, Duration::from_secs(30)).await.is_ok() {
+    if whole(c, std::slice::from_ref(&good.1), good.0, true, Duration::from_secs(30)).await.is_ok() {
         return Ok(());
     }
     restore(c).await;
@@ -636,13 +637,18 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             let play = begin(c, base.clone()).await;
             c.instances[0].kill();
             let t = Instant::now();
-            match until_out(c, &c.ids[0], t, Duration::from_secs(15)).await {
+            let out = until_out(c, &c.ids[0], t, Duration::from_secs(15)).await;
+            match out {
                 Some(d) => notes.push(format!("out of HAProxy {} after the kill", secs(d))),
                 None => notes.push("still in HAProxy 15 s after the kill".into()),
             }
             c.instances[0].restart().await;
             let t_end = Instant::now();
-            end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0
+            let mut row = end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0;
+            if out.is_none() {
+                row.unmet.push("the dead instance never left HAProxy".into());
+            }
+            row
         }
         "9" | "10" => {
             let (i, on, off) =
@@ -714,7 +720,7 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             let w8020 = weights(&[("v1", 80), ("v2", 20)]);
             let y = c.push(&[("routes/barker.yaml", &routes_yaml(&w8020))], "barker: v1 80, v2 20");
             c.good = (y, w8020.clone());
-            if let Err(e) = whole(c, &[w8020.clone()], y, true, Duration::from_secs(30)).await {
+            if let Err(e) = whole(c, std::slice::from_ref(&w8020), y, true, Duration::from_secs(30)).await {
                 return Row::not_played(f, format!("80/20 never applied: {e}"));
             }
             let play = begin(c, w8020).await;
@@ -724,12 +730,17 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             notes.push(format!("reconcile answered in {}: {}", secs(took), reconciled(answer)));
             tokio::time::sleep(Duration::from_secs(5).saturating_sub(t.elapsed())).await;
             notes.push(format!("5 s on: {}", directory_said(c, &d1).await));
+            let shown = c.status(&d1).await.is_ok_and(|s| !s["routes"]["rejected"].is_null());
             // The repair: forward again, to 90/10 on top of 80/20.
             let z = c.push(&[("routes/barker.yaml", &routes_yaml(&base))], "barker: back to v1 90, v2 10");
             play.monitor.expect(vec![base.clone()]);
             c.good = (z, base.clone());
             let t_end = Instant::now();
-            end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0
+            let mut row = end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0;
+            if !shown {
+                row.unmet.push("no rejected commit in /v1/status".into());
+            }
+            row
         }
         "13" => {
             let play = begin(c, base.clone()).await;
@@ -739,11 +750,16 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             notes.push(format!("reconcile answered in {}: {}", secs(took), reconciled(answer)));
             tokio::time::sleep(Duration::from_secs(5).saturating_sub(t.elapsed())).await;
             notes.push(format!("5 s on: {}", directory_said(c, &d1).await));
+            let shown = c.status(&d1).await.is_ok_and(|s| !s["routes"]["rejected"].is_null());
             let r = c.repo().revert(d);
             c.poke();
             c.good.0 = r;
             let t_end = Instant::now();
-            end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0
+            let mut row = end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0;
+            if !shown {
+                row.unmet.push("no rejected commit in /v1/status".into());
+            }
+            row
         }
         "14a" | "14b" => {
             let Some(mount) = &c.run_mount else {
@@ -822,14 +838,19 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             }
             c.instances[3].kill();
             let t = Instant::now();
-            match until_out(c, &c.ids[3], t, Duration::from_secs(20)).await {
+            let out = until_out(c, &c.ids[3], t, Duration::from_secs(20)).await;
+            match out {
                 Some(d) => notes.push(format!("v2-b out of HAProxy {} after the kill (TTL 3 s)", secs(d))),
                 None => notes.push("v2-b still in HAProxy 20 s after the kill".into()),
             }
             c.instances[3].restart().await;
             c.watsons[3] = Some(c.start_watson(3));
             let t_end = Instant::now();
-            end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0
+            let mut row = end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0;
+            if out.is_none() {
+                row.unmet.push("the instance never expired".into());
+            }
+            row
         }
         other => unreachable!("fault {other}"),
     }

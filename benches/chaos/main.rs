@@ -12,15 +12,14 @@
 //! on the PATH, and root for the run dir's tmpfs (fault 14). It exits 1
 //! when a fault misses the goal or could not be played.
 //!
-//! 1. directory SIGKILL and restart, remote reachable; 2. the same with the
-//! remote unreachable; 3. directory down for 30 s; 4. one of two directories
-//! SIGKILLed; 5. sherlock SIGKILL and restart while the directory does not
-//! answer; 6. HAProxy worker SIGKILL; 7. HAProxy master SIGKILL; 8. an
-//! instance SIGKILLed; 9. an instance SIGSTOPped for 20 s; 10. an instance
-//! answering 5 s late for 20 s; 11. the git remote hanging; 12. a
-//! force-push rewind; 13. a commit deleting all routes; 14. the run dir full
-//! (14a) and read-only (14b) during an apply; 15. a watson SIGKILLed with
-//! its instance (its host gone).
+//! The faults, as [`faults::FAULTS`] lists them: the directory SIGKILLed
+//! and restarted with its remote reachable (1) and unreachable (2), down
+//! for 30 s (3), one of two SIGKILLed (4); sherlock SIGKILLed and restarted
+//! while the directory is silent (5); HAProxy's worker (6) and master (7)
+//! SIGKILLed; an instance SIGKILLed (8), SIGSTOPped for 20 s (9), answering
+//! 5 s late (10); the git remote hanging (11); a force-push rewind (12); a
+//! commit deleting all routes (13); the run dir full (14a) or read-only
+//! (14b) during an apply; a watson SIGKILLed with its instance (15).
 
 // The end-to-end tests' process and repo helpers.
 #[path = "../../tests/common/mod.rs"]

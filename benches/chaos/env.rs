@@ -419,7 +419,7 @@ impl Cluster {
     }
 
     /// `POST /v1/reconcile` on a directory, with a bound of our own: the
-    /// answer's text (cut short), or why there was none.
+    /// status and body, or why there was none.
     pub async fn reconcile(&self, base: &str, limit: Duration) -> (Duration, Result<String, String>) {
         let t0 = Instant::now();
         let sent = self.http.post(format!("{base}/v1/reconcile")).timeout(limit).send().await;
@@ -427,7 +427,7 @@ impl Cluster {
             Ok(resp) => {
                 let status = resp.status();
                 let text = resp.text().await.unwrap_or_default();
-                Ok(format!("{status} {}", text.chars().take(300).collect::<String>()))
+                Ok(format!("{status} {text}"))
             }
             Err(e) if e.is_timeout() => Err(format!("no answer in {limit:?}")),
             Err(e) => Err(e.to_string()),

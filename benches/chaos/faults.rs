@@ -880,7 +880,8 @@ fn reconciled(answer: Result<String, String>) -> String {
         Ok(text) => text,
         Err(e) => return e,
     };
-    let (status, body) = text.split_once(' ').unwrap_or((&text, ""));
+    let at = text.find('{').unwrap_or(text.len());
+    let (status, body) = (text[..at].trim(), &text[at..]);
     match serde_json::from_str::<Value>(body) {
         Ok(v) => format!(
             "{status}, commit {}, rejected {}, error {}",

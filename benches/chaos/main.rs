@@ -6,9 +6,10 @@
 //! time to recover.
 //!
 //! `cargo bench --bench chaos [-- N...]` plays the faults numbered N (all
-//! when none is given), e.g. `-- 7 12`. Loopback only, in a temp dir; every
-//! process it starts (directories, watsons, instances, sherlock, HAProxy) is
-//! ended before it returns, on a panic too. It needs `haproxy` and `git`
+//! when none is given), e.g. `-- 7 12`; `14` plays 14a and 14b, `14b`
+//! one. Loopback only, in a temp dir; every process it starts (directories,
+//! watsons, instances, sherlock, HAProxy) is ended before it returns, on a
+//! panic too. It needs `haproxy` and `git`
 //! on the PATH, and root for the run dir's tmpfs (fault 14). It exits 1
 //! when a fault misses the goal or could not be played.
 //!
@@ -47,8 +48,10 @@ fn main() {
         return;
     }
     let filters: Vec<String> = args.iter().skip(1).filter(|a| !a.starts_with('-')).cloned().collect();
-    let selected: Vec<&'static faults::Fault> =
-        faults::FAULTS.iter().filter(|f| filters.is_empty() || filters.iter().any(|n| n == f.number)).collect();
+    let selected: Vec<&'static faults::Fault> = faults::FAULTS
+        .iter()
+        .filter(|f| filters.is_empty() || filters.iter().any(|n| n == f.number || n == f.id))
+        .collect();
     if selected.is_empty() {
         let numbers: Vec<&str> = faults::FAULTS.iter().map(|f| f.number).collect();
         eprintln!("chaos: no fault numbered {filters:?}; choose among {numbers:?}");

@@ -680,7 +680,7 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                 Err(e) => format!("POST /v1/reconcile: {e}"),
             });
             tokio::time::sleep(Duration::from_secs(20).saturating_sub(t.elapsed())).await;
-            notes.push(format!("{} connections held", c.git.held()));
+            notes.push(format!("connections held by the hanging remote: {}", c.git.held()));
             // The held connections stay open: only a timeout of its own frees the directory.
             c.git.set(Mode::Serve);
             let t_end = Instant::now();

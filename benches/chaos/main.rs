@@ -53,7 +53,7 @@ fn main() {
         .filter(|f| filters.is_empty() || filters.iter().any(|n| n == f.number || n == f.id))
         .collect();
     if selected.is_empty() {
-        let numbers: Vec<&str> = faults::FAULTS.iter().map(|f| f.number).collect();
+        let numbers: Vec<&str> = faults::FAULTS.iter().map(|f| f.id).collect();
         eprintln!("chaos: no fault numbered {filters:?}; choose among {numbers:?}");
         std::process::exit(2);
     }

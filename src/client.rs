@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::model::{DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotError, SnapshotId, MAX_SNAPSHOT_BYTES};
+use crate::model::{
+    ClientName, DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotError, SnapshotId, MAX_SNAPSHOT_BYTES,
+};
 use crate::protocol::{InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck};
 use crate::secret::Secret;
 use crate::tls::ClientTls;
@@ -144,6 +146,15 @@ impl ClientFlags {
     }
 }
 
+/// A sherlock as its snapshot queries report it: its name, the client
+/// whose routes it follows, and the snapshot it has applied.
+#[derive(Debug, Clone, Copy)]
+pub struct Reporter<'a> {
+    pub name: &'a str,
+    pub client: &'a ClientName,
+    pub applied: SnapshotId,
+}
+
 /// One directory, with its HTTP connection pool.
 #[derive(Debug, Clone)]
 pub struct DirectoryClient {
@@ -242,15 +253,16 @@ impl DirectoryClient {
         &self,
         held: SnapshotId,
         wait: Duration,
-        me: Option<(&str, SnapshotId)>,
+        me: Option<Reporter<'_>>,
     ) -> Result<Snapshot, ClientError> {
         let query = SnapshotQuery {
             epoch: held.epoch,
             index: held.index,
             wait: Some(format!("{}ms", wait.as_millis())),
-            sherlock: me.map(|(name, _)| name.to_string()),
-            applied_epoch: me.map(|(_, applied)| applied.epoch),
-            applied: me.map(|(_, applied)| applied.index),
+            sherlock: me.map(|m| m.name.to_string()),
+            client: me.map(|m| m.client.to_string()),
+            applied_epoch: me.map(|m| m.applied.epoch),
+            applied: me.map(|m| m.applied.index),
         };
         let req = self.http.get(self.url("/v1/snapshot")).query(&query).timeout(wait + Duration::from_secs(10));
         let resp = self.respond(req).await?;

@@ -50,6 +50,10 @@ pub struct SnapshotQuery {
     /// `dw apply` can wait for convergence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sherlock: Option<String>,
+    /// The client whose routes it follows (`--client`), checked against a
+    /// sherlock token's `client:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_epoch: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,6 +76,10 @@ pub struct InstanceStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SherlockStatus {
     pub name: String,
+    /// The client whose routes it follows, when it said (older sherlocks
+    /// do not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     /// The snapshot it has applied to its HAProxy: (applied_epoch, applied).
     #[serde(default)]
     pub applied_epoch: u64,
@@ -86,12 +94,32 @@ impl SherlockStatus {
     }
 }
 
+/// Why a routes commit was kept out of traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectKind {
+    /// Its routes files do not validate.
+    #[default]
+    Invalid,
+    /// The branch moved to a commit that does not descend from the one in
+    /// force (a force-push rewinding it), and the directory runs without
+    /// `--allow-rewind`.
+    Rewind,
+    /// It removes every route, without the `Dstack-Allow-Empty: yes`
+    /// trailer.
+    Empty,
+}
+
 /// A routes commit that failed validation and is kept out of traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejected {
     pub commit: String,
     pub summary: String,
-    /// Each as `routes/barker.yaml:3:7: message`.
+    /// Why: invalid files, a rewind, or every route removed.
+    #[serde(default)]
+    pub kind: RejectKind,
+    /// Each as `routes/barker.yaml:3:7: message`, or the one reason of a
+    /// rewind or an emptying commit and what would let it through.
     pub errors: Vec<String>,
     /// RFC 3339.
     pub at: String,
@@ -113,6 +141,14 @@ pub struct RoutesStatus {
     pub rejected: Option<Rejected>,
     /// Why the last fetch failed, while it keeps failing.
     pub error: Option<String>,
+    /// Set until the first successful fetch of this run: the commit in
+    /// force is the one a previous run accepted, read from the mirror in
+    /// the state dir (`not fetched since start`).
+    #[serde(default)]
+    pub stale: Option<String>,
+    /// When the fetch under way started (RFC 3339); None when none is.
+    #[serde(default)]
+    pub fetching_since: Option<String>,
 }
 
 /// `GET /v1/status`.

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::admin;
 use super::config::Config;
 use crate::backoff::Backoff;
-use crate::client::{ClientError, DirectoryClient};
+use crate::client::{ClientError, DirectoryClient, Reporter};
 use crate::model::{Snapshot, SnapshotId};
 
 /// How long one blocking query waits for a change.
@@ -46,7 +46,7 @@ pub async fn run(
     loop {
         let client = &clients[current];
         shared.status.lock().unwrap().directory = Some(client.addr.to_string());
-        let me = (config.name.as_str(), *applied.borrow_and_update());
+        let me = Reporter { name: config.name.as_str(), client: &config.client, applied: *applied.borrow_and_update() };
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = client.snapshot(held, POLL_WAIT, Some(me)) => r,

@@ -27,7 +27,7 @@ const fn fault(number: &'static str, id: &'static str, name: &'static str) -> Fa
 
 pub const FAULTS: [Fault; 16] = [
     fault("1", "1", "directory SIGKILL and restart, remote reachable"),
-    fault("2", "2", "directory SIGKILL and restart, remote unreachable (10 s)"),
+    fault("2", "2", "directory SIGKILL and restart, remote unreachable (for 10 s after)"),
     fault("3", "3", "directory down for 30 s (SIGTERM, restart)"),
     fault("4", "4", "one of two directories SIGKILLed (restarted after 5 s)"),
     fault("5", "5", "sherlock SIGKILL, restart while the directory is silent (SIGSTOP)"),
@@ -120,7 +120,7 @@ pub fn table(rows: &[Row]) -> String {
          bounded gap for 7 (1 s) and for requests sent to a sick instance before HAProxy took it out \
          (9, 10); routes intact; the cluster whole again within 60 s; and the fault's own promise \
          where it has one (4: no change in HAProxy; 8, 15: the instance leaves HAProxy; 11: the directory fetches \
-         again by itself; 12, 13: a rejected commit in /v1/status; 14: the failed write reported, \
+         again by itself, and SIGTERM stops it during a hung fetch; 12, 13: a rejected commit in /v1/status; 14: the failed write reported, \
          HAProxy as haproxy.cfg says, the file right once repaired).\n",
         CLIENT_TIMEOUT.as_secs(),
         EPISODE_MIN.as_millis()
@@ -219,7 +219,7 @@ async fn check_whole(c: &Cluster, want: &[Weights], commit: git2::Oid, warm: boo
     }
     let s = c.sherlock_status().await.map_err(|e| format!("sherlock's /status: {e}"))?;
     let base = following(c, &s);
-    let d = c.status(&base).await.map_err(|e| format!("the directory's /v1/status: {e}"))?;
+    let d = c.status(&base).await.map_err(|e| format!("sherlock's directory {base} does not answer: {e}"))?;
     if d["commit"] != commit.to_string().as_str() {
         return Err(format!("the directory serves commit {}, not {}", short(&d["commit"]), &commit.to_string()[..8]));
     }
@@ -245,19 +245,22 @@ fn following(c: &Cluster, s: &Value) -> String {
     }
 }
 
+/// When the cluster was whole, and what it was waited on last (if at all).
 async fn whole(
     c: &Cluster,
     want: &[Weights],
     commit: git2::Oid,
     warm: bool,
     limit: Duration,
-) -> Result<Instant, String> {
+) -> Result<(Instant, Option<String>), String> {
     let t0 = Instant::now();
+    let mut waited = None;
     loop {
         let why = match check_whole(c, want, commit, warm).await {
-            Ok(()) => return Ok(Instant::now()),
+            Ok(()) => return Ok((Instant::now(), waited)),
             Err(why) => why,
         };
+        waited = Some(why.clone());
         if t0.elapsed() > limit {
             return Err(why);
         }
@@ -367,7 +370,12 @@ async fn end(
     judge: Judge,
 ) -> (Row, LoadResult, MonitorResult) {
     let limit = Duration::from_secs(60);
-    let whole_at = whole(c, &want, c.good.0, false, limit).await;
+    let whole_at = whole(c, &want, c.good.0, false, limit).await.map(|(t, waited)| {
+        if let Some(why) = waited.filter(|_| t.saturating_duration_since(fault_end) > Duration::from_secs(1)) {
+            notes.push(format!("whole {} after the fault's end, last waiting on: {why}", secs(t - fault_end)));
+        }
+        t
+    });
     tokio::time::sleep(Duration::from_secs(1)).await;
     let load = play.load.finish().await;
     let mon = play.monitor.finish().await;
@@ -476,6 +484,9 @@ async fn directory_said(c: &Cluster, base: &str) -> String {
 }
 
 const FILLER: &str = "chaos-filler";
+/// How long the directory may take to fetch again once a hanging remote
+/// answers: its own bound on a silent server (30 s, README) and a retry.
+const FETCH_RECOVERY: Duration = Duration::from_secs(40);
 
 async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
     if let Err(why) = ready(c).await {
@@ -503,7 +514,9 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                 notes.push(format!("10 s on, the remote still down: {}", directory_said(c, &d1).await));
                 c.git.set(Mode::Serve);
             }
-            end(c, f, play, t, vec![base], notes, Judge::NoFailure).await.0
+            // The fault ends with the restart (1), or with the remote back (2).
+            let t_end = if f.id == "2" { Instant::now() } else { t };
+            end(c, f, play, t_end, vec![base], notes, Judge::NoFailure).await.0
         }
         "3" => {
             let play = begin(c, base.clone()).await;
@@ -689,7 +702,7 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                 if c.status(&d1).await.is_ok_and(|s| s["commit"] == zs.as_str()) {
                     break Some(t_end.elapsed());
                 }
-                if t_end.elapsed() > Duration::from_secs(20) {
+                if t_end.elapsed() > FETCH_RECOVERY {
                     break None;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -698,8 +711,8 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             match fetched {
                 Some(d) => notes.push(format!("fetched the new commit {} after the remote came back", secs(d))),
                 None => {
-                    notes
-                        .push(format!("still stuck 20 s after the remote came back: {}", directory_said(c, &d1).await));
+                    let said = directory_said(c, &d1).await;
+                    notes.push(format!("still stuck {} after the remote came back: {said}", secs(FETCH_RECOVERY)));
                     match c.d1.sigterm(Duration::from_secs(10)) {
                         Ok(d) => notes.push(format!("SIGTERM stopped it in {}; restarted", secs(d))),
                         Err(_) => notes.push("it ignored SIGTERM for 10 s (SIGKILLed, restarted)".into()),
@@ -712,6 +725,21 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
             c.git.release();
             if stuck {
                 row.unmet.push("the directory stayed stuck on the hung fetch".into());
+            } else {
+                // Out of the measure: SIGTERM while a fetch hangs.
+                c.git.set(Mode::Hang);
+                c.poke();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                match c.d1.sigterm(Duration::from_secs(10)) {
+                    Ok(d) => row.notes.push(format!("SIGTERM during a hung fetch: stopped in {}", secs(d))),
+                    Err(_) => {
+                        row.notes.push("SIGTERM during a hung fetch: ignored for 10 s (SIGKILLed)".into());
+                        row.unmet.push("SIGTERM ignored during a hung fetch".into());
+                    }
+                }
+                c.git.set(Mode::Serve);
+                c.git.release();
+                c.d1.start(&dir);
             }
             row
         }

@@ -112,7 +112,8 @@ pub fn table(rows: &[Row]) -> String {
     out.push_str(&format!(
         "\nClients: 3 keep-alive and 3 new-connection, each one request after another; a request fails on \
          a non-200, an answer not from an instance, a socket error, or no answer in {} s. Routes intact: \
-         HAProxy's weights (runtime socket, every 50 ms) give each version git's share within 1 point, \
+         HAProxy's weights (runtime socket, every 50 ms) give each version with a server in rotation its \
+         share of git's weights within 1 point, \
          with no wrong stretch of {} ms or more, and every instance is back at the end. Time to recover: \
          from the fault's end (the restart, SIGCONT or repair; the kill itself where nothing is restarted) \
          until requests succeed, HAProxy has every instance with git's weights, and sherlock has applied \

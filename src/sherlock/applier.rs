@@ -22,17 +22,46 @@ use super::quiescence::Quiescence;
 use super::render::{self, Renderer, Site};
 use super::runtime;
 use crate::backoff::Backoff;
-use crate::model::{ClientName, Snapshot, SnapshotId};
+use std::collections::BTreeSet;
+
+use crate::model::{Backend, ClientName, Snapshot, SnapshotId, Version, MAX_BACKEND_WEIGHT};
 
 /// From a warming snapshot, backends are added but none removed: a directory
 /// that has just restarted has not heard every heartbeat yet.
+///
+/// A kept server shares its version's weight with the servers of that
+/// version the directory does list (each gets the version's total there,
+/// divided by their number and the kept ones'), so the versions keep the
+/// shares the directory gave them: a kept server at its old weight beside
+/// siblings re-weighted as if it were gone would skew the split (90/10
+/// becoming 93/7) until the directory has heard from everyone.
 pub fn keep_backends(previous: &Snapshot, next: &Snapshot) -> Snapshot {
     let mut merged = next.clone();
     for (name, prev) in &previous.services {
         let svc = merged.services.entry(name.clone()).or_default();
-        for backend in &prev.backends {
-            if !svc.backends.iter().any(|b| b.id == backend.id) {
-                svc.backends.push(backend.clone());
+        let kept: Vec<Backend> =
+            prev.backends.iter().filter(|b| !svc.backends.iter().any(|n| n.id == b.id)).cloned().collect();
+        if kept.is_empty() {
+            continue;
+        }
+        let versions: BTreeSet<Version> = kept.iter().map(|b| b.version.clone()).collect();
+        svc.backends.extend(kept.iter().cloned());
+        for version in versions {
+            let serving = |b: &&mut Backend| b.version == version && b.weight > 0;
+            let listed: Vec<u32> = svc
+                .backends
+                .iter()
+                .filter(|b| b.version == version && b.weight > 0 && !kept.iter().any(|k| k.id == b.id))
+                .map(|b| b.weight)
+                .collect();
+            if listed.is_empty() {
+                continue; // none listed: the kept ones keep their weights
+            }
+            let total: u32 = listed.iter().sum();
+            let count = svc.backends.iter_mut().filter(serving).count() as u32;
+            let each = total.div_ceil(count).clamp(1, MAX_BACKEND_WEIGHT);
+            for b in svc.backends.iter_mut().filter(serving) {
+                b.weight = each;
             }
         }
         svc.backends.sort_by(|a, b| a.id.cmp(&b.id));
@@ -411,7 +440,7 @@ impl Applier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Backend, ServiceBackends};
+    use crate::model::ServiceBackends;
 
     fn snap(index: u64, warming: bool, ids: &[&str]) -> Snapshot {
         let backends = ids
@@ -437,5 +466,40 @@ mod tests {
             merged.services[&"emitter".parse().unwrap()].backends.iter().map(|b| b.id.as_str()).collect();
         assert_eq!(ids, ["a", "b", "c"]);
         assert_eq!(merged.index, 1);
+    }
+
+    fn weighted(index: u64, warming: bool, servers: &[(&str, &str, u32)]) -> Snapshot {
+        let mut s = Snapshot { index, warming, ..Snapshot::default() };
+        let backends = servers
+            .iter()
+            .map(|(id, version, weight)| Backend {
+                id: id.parse().unwrap(),
+                url: "http://h:1".parse().unwrap(),
+                version: version.parse().unwrap(),
+                weight: *weight,
+            })
+            .collect();
+        s.services.insert("barker".parse().unwrap(), ServiceBackends { backends });
+        s
+    }
+
+    fn weights(s: &Snapshot) -> Vec<(String, u32)> {
+        s.services[&"barker".parse().unwrap()].backends.iter().map(|b| (b.id.to_string(), b.weight)).collect()
+    }
+
+    #[test]
+    fn a_kept_server_shares_its_versions_weight_so_the_split_stays() {
+        // 90/10 over three v1 servers and one v2; the restarted directory
+        // has heard from two v1 servers and gives them v1's whole 90.
+        let prev = weighted(5, false, &[("a", "v1", 30), ("b", "v1", 30), ("c", "v1", 30), ("d", "v2", 10)]);
+        let next = weighted(1, true, &[("a", "v1", 45), ("b", "v1", 45), ("d", "v2", 10)]);
+        let merged = keep_backends(&prev, &next);
+        assert_eq!(weights(&merged), [("a".into(), 30), ("b".into(), 30), ("c".into(), 30), ("d".into(), 10)]);
+        // A version the directory lists nothing of keeps its old weights;
+        // a drained (0) server stays drained and takes no share.
+        let prev = weighted(5, false, &[("a", "v1", 45), ("b", "v1", 0), ("d", "v2", 10)]);
+        let next = weighted(1, true, &[("a", "v1", 90)]);
+        let merged = keep_backends(&prev, &next);
+        assert_eq!(weights(&merged), [("a".into(), 90), ("b".into(), 0), ("d".into(), 10)]);
     }
 }

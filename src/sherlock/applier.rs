@@ -191,6 +191,10 @@ impl Applier {
                 self.metrics().unchanged.fetch_add(1, Ordering::Relaxed);
                 false
             }
+            // Nothing to change while it is down: its restart applies this.
+            Some(_) if !self.haproxy.is_running() => {
+                anyhow::bail!("haproxy is not running; the change waits for its restart")
+            }
             Some(diff) => {
                 tracing::info!("haproxy.cfg changes:\n{diff}");
                 if !self.apply_at_runtime(&candidate).await {
@@ -377,6 +381,7 @@ impl Applier {
         self.running = config;
         self.applied = applied;
         self.draining.clear();
+        self.metrics().haproxy_up.store(1, Ordering::Relaxed);
         self.shared.status.lock().unwrap().haproxy_running = true;
         Ok(())
     }
@@ -389,20 +394,42 @@ impl Applier {
         Ok(config)
     }
 
+    /// HAProxy's master exited on its own (`status`): say so until a
+    /// restart succeeds.
+    pub fn haproxy_exited(&mut self, status: &str) {
+        self.metrics().haproxy_exits.fetch_add(1, Ordering::Relaxed);
+        self.metrics().haproxy_up.store(0, Ordering::Relaxed);
+        let mut s = self.shared.status.lock().unwrap();
+        s.haproxy_running = false;
+        s.haproxy_error = Some(format!("haproxy exited ({status}); restarting it"));
+    }
+
     /// Restarts a dead HAProxy on the config in place (which always matches
-    /// what ran); the HAProxy module keeps the backoff.
-    pub async fn restart_haproxy(&mut self) {
-        self.shared.status.lock().unwrap().haproxy_running = false;
+    /// what ran); the HAProxy module keeps the backoff. True when it runs
+    /// again.
+    pub async fn restart_haproxy(&mut self) -> bool {
         match self.haproxy.restart().await {
             Ok(()) => {
                 // A fresh worker holds exactly the file's servers.
                 self.draining.clear();
-                self.shared.status.lock().unwrap().haproxy_running = true;
+                self.metrics().haproxy_restarts.fetch_add(1, Ordering::Relaxed);
+                self.metrics().haproxy_up.store(1, Ordering::Relaxed);
+                let mut s = self.shared.status.lock().unwrap();
+                s.haproxy_running = true;
+                s.haproxy_error = None;
+                s.draining = 0;
+                tracing::info!("haproxy restarted");
+                true
             }
             Err(e) => {
-                let e = format!("{e:#}");
-                tracing::error!(error = %e, "could not restart haproxy; retrying with backoff");
-                self.shared.status.lock().unwrap().last_error = Some(e);
+                let e = format!("could not restart haproxy: {e:#}");
+                tracing::error!(error = %e, "retrying with backoff");
+                self.metrics().haproxy_failed_starts.fetch_add(1, Ordering::Relaxed);
+                let mut s = self.shared.status.lock().unwrap();
+                s.haproxy_running = false;
+                s.haproxy_error = Some(e.clone());
+                s.last_error = Some(e);
+                false
             }
         }
     }

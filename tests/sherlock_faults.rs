@@ -55,17 +55,36 @@ async fn a_dead_haproxy_is_restarted_with_backoff_for_good_and_status_says_so_me
     let run_dir = cluster.run_dir(port);
     assert_eq!(get_via(&cluster.http, port, "/emitter/").await.unwrap().0, 200);
 
-    // The master dies: the port is served again at once.
-    kill9(master_pid(&run_dir));
-    let killed = Instant::now();
+    // The master dies: its workers follow it, and the port is served
+    // again at once by a new master. Requests go back to back meanwhile;
+    // the outage is the longest run of failed ones.
     let http = cluster.http.clone();
-    eventually(Duration::from_secs(10), "the port to be served again", async || {
-        (get_via(&http, port, "/emitter/").await.ok()?.0 == 200).then_some(())
-    })
-    .await;
-    let gap = killed.elapsed();
-    println!("served again {gap:?} after the master's SIGKILL");
-    assert!(gap < Duration::from_secs(5), "{gap:?} to serve again (the goal is under a second)");
+    let old_master = master_pid(&run_dir);
+    kill9(old_master);
+    let killed = Instant::now();
+    let (mut outage, mut failing_since) = (Duration::ZERO, None::<Instant>);
+    loop {
+        let sent = Instant::now();
+        match get_via(&cluster.http, port, "/emitter/").await {
+            Ok((200, _)) => {
+                if let Some(since) = failing_since.take() {
+                    outage = outage.max(since.elapsed());
+                }
+                let new_master = try_socket_command(&run_dir.join("master.sock"), "show proc").ok().and_then(|t| {
+                    t.lines().find_map(|l| l.split_whitespace().next()?.parse::<i32>().ok().filter(|p| *p != old_master))
+                });
+                if new_master.is_some() {
+                    break;
+                }
+            }
+            _ => {
+                failing_since.get_or_insert(sent);
+            }
+        }
+        assert!(killed.elapsed() < Duration::from_secs(20), "no new master serving 20s after the kill");
+    }
+    println!("a SIGKILL of haproxy's master: port not served for {outage:?}");
+    assert!(outage < Duration::from_secs(5), "{outage:?} without service (the goal is under a second)");
     eventually(Duration::from_secs(10), "status to say haproxy runs", async || {
         (cluster.sherlock_status(port).await["haproxy_running"] == true).then_some(())
     })

@@ -134,3 +134,136 @@ async fn a_dead_haproxy_is_restarted_with_backoff_for_good_and_status_says_so_me
     assert_eq!(cluster.sherlock_metric(port, "dstack_sherlock_haproxy_exits_total").await, 2);
     drop(sherlock);
 }
+
+/// `/proc/PID/stat`'s state letter and parent pid.
+fn proc_state(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it do not.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.next()?.parse().ok()?))
+}
+
+/// Pids whose parent is `parent`.
+fn children_of(parent: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| proc_state(*pid).is_some_and(|(_, ppid)| ppid == parent))
+        .collect()
+}
+
+/// How this machine lets a test start a process as PID 1 of a new PID
+/// namespace (`unshare`'s flags), or why it does not.
+fn pid_namespace_flags() -> Result<Vec<&'static str>, String> {
+    // As root, a PID namespace needs nothing more; otherwise a user
+    // namespace that maps us to root makes one (where the kernel allows).
+    let mut tried = Vec::new();
+    for flags in [vec!["--pid", "--fork", "--mount-proc"], vec!["--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]]
+    {
+        let out = std::process::Command::new("unshare").args(&flags).arg("true").output();
+        match out {
+            Ok(out) if out.status.success() => return Ok(flags),
+            Ok(out) => tried.push(format!("unshare {}: {}", flags.join(" "), String::from_utf8_lossy(&out.stderr).trim())),
+            Err(e) => tried.push(format!("unshare: {e}")),
+        }
+    }
+    Err(tried.join("; "))
+}
+
+/// A process started outside the harness's `Proc` (it runs our binaries
+/// only); SIGKILL when dropped.
+struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_pid_1_sherlock_starts_haproxy_reaps_orphans_and_stops_on_sigterm() {
+    let flags = match pid_namespace_flags() {
+        Ok(flags) => flags,
+        Err(why) => {
+            // CI runs as root on Debian, where this does not happen.
+            eprintln!("SKIPPED: this machine cannot make a PID namespace for the test ({why})");
+            return;
+        }
+    };
+    let cluster = Cluster::start().await;
+    let _fleet = cluster.fleet("emitter", &["v1"]).await;
+    cluster.wait_for_instances("emitter", 1).await;
+    let port = free_port();
+    let run_dir = cluster.dir.path().join("pid1-run");
+    let log = cluster.dir.path().join("pid1-sherlock.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let directory = cluster.directory_url();
+    let listen = format!("127.0.0.1:{port}");
+    // --kill-child: if the test dies, the namespace goes with it.
+    let child = std::process::Command::new("unshare")
+        .args(&flags)
+        .arg("--kill-child")
+        .arg(bin("sherlock"))
+        .args(["-d", &directory, "--listen", &listen, "--admin", "off", "--run-dir", run_dir.to_str().unwrap()])
+        .env("RUST_LOG", "info,dstack=debug")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut unshare = Spawned(child);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // It starts HAProxy (before the fix: "cannot start haproxy: Invalid
+    // argument") and serves.
+    let http = cluster.http.clone();
+    eventually(Duration::from_secs(20), "sherlock as PID 1 to serve emitter", async || {
+        (get_via(&http, port, "/emitter/").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+    let pid1 = children_of(unshare.0.id() as i32);
+    assert_eq!(pid1.len(), 1, "unshare has one child, the namespace's PID 1: {pid1:?}");
+    let pid1 = pid1[0];
+
+    // The master dies: its workers are orphaned to PID 1, which must reap
+    // them; sherlock starts a new master.
+    let haproxy = haproxy_pids(&run_dir);
+    let master = *haproxy
+        .iter()
+        .find(|pid| proc_state(**pid).is_some_and(|(_, ppid)| !haproxy.contains(&ppid)))
+        .unwrap_or_else(|| panic!("no master among {haproxy:?}"));
+    let workers: Vec<i32> = children_of(master);
+    assert!(!workers.is_empty(), "the master has workers");
+    kill9(master);
+    eventually(Duration::from_secs(20), "a new master to serve", async || {
+        let serving = get_via(&http, port, "/emitter/").await.ok()?.0 == 200;
+        (serving && !haproxy_pids(&run_dir).contains(&master)).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the orphaned workers to be reaped", async || {
+        let left: Vec<(i32, Option<(char, i32)>)> =
+            workers.iter().map(|w| (*w, proc_state(*w))).filter(|(_, s)| s.is_some()).collect();
+        let zombies = children_of(pid1).into_iter().filter(|p| proc_state(*p).is_some_and(|(s, _)| s == 'Z')).count();
+        (left.is_empty() && zombies == 0).then_some(())
+    })
+    .await;
+
+    // SIGTERM to PID 1 reaches sherlock, which stops HAProxy and exits 0;
+    // PID 1 exits with sherlock's status.
+    // SAFETY: a plain kill(2) of the namespace's init, our grandchild.
+    unsafe { libc::kill(pid1, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = unshare.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "PID 1 ignored SIGTERM for 15s; log:\n{}", log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}; log:\n{}", log_text());
+    assert!(log_text().contains("haproxy stopped"), "{}", log_text());
+    assert!(haproxy_pids(&run_dir).is_empty(), "no HAProxy left");
+}

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod applier;
 pub mod config;
 pub mod haproxy;
+pub mod pid1;
 pub mod quiescence;
 pub mod render;
 pub mod runtime;

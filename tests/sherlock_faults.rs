@@ -71,7 +71,8 @@ async fn a_dead_haproxy_is_restarted_with_backoff_for_good_and_status_says_so_me
                     outage = outage.max(since.elapsed());
                 }
                 let new_master = try_socket_command(&run_dir.join("master.sock"), "show proc").ok().and_then(|t| {
-                    t.lines().find_map(|l| l.split_whitespace().next()?.parse::<i32>().ok().filter(|p| *p != old_master))
+                    t.lines()
+                        .find_map(|l| l.split_whitespace().next()?.parse::<i32>().ok().filter(|p| *p != old_master))
                 });
                 if new_master.is_some() {
                     break;
@@ -161,12 +162,15 @@ fn pid_namespace_flags() -> Result<Vec<&'static str>, String> {
     // As root, a PID namespace needs nothing more; otherwise a user
     // namespace that maps us to root makes one (where the kernel allows).
     let mut tried = Vec::new();
-    for flags in [vec!["--pid", "--fork", "--mount-proc"], vec!["--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]]
+    for flags in
+        [vec!["--pid", "--fork", "--mount-proc"], vec!["--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]]
     {
         let out = std::process::Command::new("unshare").args(&flags).arg("true").output();
         match out {
             Ok(out) if out.status.success() => return Ok(flags),
-            Ok(out) => tried.push(format!("unshare {}: {}", flags.join(" "), String::from_utf8_lossy(&out.stderr).trim())),
+            Ok(out) => {
+                tried.push(format!("unshare {}: {}", flags.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+            }
             Err(e) => tried.push(format!("unshare: {e}")),
         }
     }
@@ -266,4 +270,143 @@ async fn as_pid_1_sherlock_starts_haproxy_reaps_orphans_and_stops_on_sigterm() {
     assert!(status.success(), "{status}; log:\n{}", log_text());
     assert!(log_text().contains("haproxy stopped"), "{}", log_text());
     assert!(haproxy_pids(&run_dir).is_empty(), "no HAProxy left");
+}
+
+/// `GET /status` of a sherlock's admin endpoint.
+async fn status_at(http: &reqwest::Client, admin: u16) -> Option<serde_json::Value> {
+    http.get(format!("http://127.0.0.1:{admin}/status")).send().await.ok()?.json().await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_leaves_the_running_config_serving_is_reported_and_retried() {
+    // How the run dir's writes are made to fail. Root ignores mode bits, so
+    // as root the run dir is a 1 MiB tmpfs in a mount namespace of
+    // sherlock's own, filled up (ENOSPC); as another user it is made
+    // read-only with chmod (EACCES).
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        let probe = std::process::Command::new("unshare").args(["--mount", "true"]).output();
+        if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("SKIPPED: root here cannot make a mount namespace for the small run dir ({probe:?})");
+            return;
+        }
+    }
+    let cluster = Cluster::start().await;
+    let (instances, _watsons) = cluster.fleet("emitter", &["v1"]).await;
+    cluster.wait_for_instances("emitter", 1).await;
+    let port = free_port();
+    let admin = free_port();
+    let run_dir = cluster.dir.path().join("small-run");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let log = cluster.dir.path().join("small-run-sherlock.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let (directory, listen, admin_addr) =
+        (cluster.directory_url(), format!("127.0.0.1:{port}"), format!("127.0.0.1:{admin}"));
+    let sherlock_args =
+        ["-d", &directory, "--listen", &listen, "--admin", &admin_addr, "--run-dir", run_dir.to_str().unwrap()];
+    let mut command = if root {
+        // Without --fork, unshare execs sh, which execs sherlock: one pid.
+        let mut c = std::process::Command::new("unshare");
+        c.args(["--mount", "sh", "-c", "mount -t tmpfs -o size=1m,mode=0700 dstack-test \"$0\" && exec \"$@\""])
+            .arg(&run_dir)
+            .arg(bin("sherlock"));
+        c
+    } else {
+        std::process::Command::new(bin("sherlock"))
+    };
+    let child = command
+        .args(sherlock_args)
+        .env("RUST_LOG", "info,dstack=debug")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let sherlock = Spawned(child);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    // The run dir as sherlock sees it (through its mount namespace).
+    let view = if root {
+        PathBuf::from(format!("/proc/{}/root{}", sherlock.0.id(), run_dir.display()))
+    } else {
+        run_dir.clone()
+    };
+    let http = cluster.http.clone();
+    eventually(Duration::from_secs(20), "the sherlock to serve emitter", async || {
+        (get_via(&http, port, "/emitter/").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+    let config_before = std::fs::read_to_string(view.join("haproxy.cfg")).unwrap();
+    let snapshot_before = eventually(Duration::from_secs(10), "the snapshot saved", async || {
+        std::fs::read_to_string(view.join("snapshot.json")).ok().filter(|s| s.contains(&instances[0].port.to_string()))
+    })
+    .await;
+
+    // Writes fail from now on.
+    let filler = view.join("filler");
+    if root {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        assert!(f.write_all(&[0u8; 4096]).is_err(), "the tmpfs is full");
+    } else {
+        std::fs::set_permissions(&view, std::fs::Permissions::from_mode(0o500)).unwrap();
+    }
+
+    // A change comes: a second instance.
+    let second = Instance::start("v1-second").await;
+    let _second_watson = cluster.watson("emitter", &second.url("/emitter"), &[]);
+    // The directory has it (this sherlock cannot apply it, so not
+    // `wait_for_instances`).
+    eventually(Duration::from_secs(15), "the directory to list two instances", async || {
+        let status = cluster.status().await;
+        (status["instances"].as_array()?.len() == 2).then_some(())
+    })
+    .await;
+    let status = eventually(Duration::from_secs(15), "a failed write in /status", async || {
+        let status = status_at(&http, admin).await?;
+        status["last_error"].as_str()?.contains("cannot write").then_some(status)
+    })
+    .await;
+    let reason = if root { "No space left on device" } else { "Permission denied" };
+    assert!(status["last_error"].as_str().unwrap().contains(reason), "{status}");
+    let metrics = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metric(&metrics, "dstack_sherlock_failed_writes_total") >= 1, "{metrics}");
+    assert!(log_text().contains("cannot write"), "the log says so");
+
+    // Nothing half-applied: HAProxy still runs the old config, whole, and
+    // the files are the old ones, with no temp file left behind.
+    let mut answered = std::collections::HashMap::<String, usize>::new();
+    for _ in 0..20 {
+        let (code, body) = get_via(&http, port, "/emitter/").await.unwrap();
+        assert_eq!(code, 200, "{body}");
+        *answered.entry(body.split(' ').next().unwrap().to_string()).or_default() += 1;
+    }
+    assert_eq!(answered.keys().collect::<Vec<_>>(), [&instances[0].name], "only the old server serves: {answered:?}");
+    assert_eq!(std::fs::read_to_string(view.join("haproxy.cfg")).unwrap(), config_before);
+    assert_eq!(std::fs::read_to_string(view.join("snapshot.json")).unwrap(), snapshot_before);
+    let names: Vec<String> =
+        std::fs::read_dir(&view).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.ends_with(".tmp") || n.ends_with(".candidate")), "{names:?}");
+
+    // The disk has room again: a later pass applies the change.
+    if root {
+        std::fs::remove_file(&filler).unwrap();
+    } else {
+        std::fs::set_permissions(&view, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    eventually(Duration::from_secs(40), "both instances served after the retry", async || {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10 {
+            seen.insert(get_via(&http, port, "/emitter/").await.ok()?.1.split(' ').next()?.to_string());
+        }
+        (seen.len() == 2).then_some(())
+    })
+    .await;
+    let status = status_at(&http, admin).await.unwrap();
+    assert_eq!(status["last_error"], serde_json::Value::Null, "{status}");
+    let saved = std::fs::read_to_string(view.join("snapshot.json")).unwrap();
+    assert!(saved.contains(&second.port.to_string()), "the snapshot is saved once the disk has room: {saved}");
+    drop(sherlock);
 }

@@ -78,8 +78,16 @@ impl Metrics {
         out.counter("dstack_sherlock_unchanged_total", "Snapshots that changed nothing.", get(&self.unchanged));
         out.counter("dstack_sherlock_failed_applies_total", "Snapshots not applied.", get(&self.failed_applies));
         out.gauge("dstack_sherlock_applied_index", "Index of the snapshot applied.", get(&self.applied_index));
-        out.gauge("dstack_sherlock_haproxy_up", "1 while HAProxy runs, 0 while it is being restarted.", get(&self.haproxy_up));
-        out.counter("dstack_sherlock_haproxy_exits_total", "Unexpected exits of HAProxy's master.", get(&self.haproxy_exits));
+        out.gauge(
+            "dstack_sherlock_haproxy_up",
+            "1 while HAProxy runs, 0 while it is being restarted.",
+            get(&self.haproxy_up),
+        );
+        out.counter(
+            "dstack_sherlock_haproxy_exits_total",
+            "Unexpected exits of HAProxy's master.",
+            get(&self.haproxy_exits),
+        );
         out.counter(
             "dstack_sherlock_haproxy_restarts_total",
             "HAProxy started again after an exit.",

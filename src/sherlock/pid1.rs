@@ -72,11 +72,7 @@ unsafe fn reap_and_forward(sherlock: libc::pid_t, wanted: &libc::sigset_t) -> i3
                 break;
             }
             if pid == sherlock {
-                return if libc::WIFEXITED(status) {
-                    libc::WEXITSTATUS(status)
-                } else {
-                    128 + libc::WTERMSIG(status)
-                };
+                return if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) };
             }
         }
     }

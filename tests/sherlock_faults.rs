@@ -410,3 +410,102 @@ async fn a_failed_write_leaves_the_running_config_serving_is_reported_and_retrie
     assert!(saved.contains(&second.port.to_string()), "the snapshot is saved once the disk has room: {saved}");
     drop(sherlock);
 }
+
+/// An HTTP instance in a process of its own (so it can be stopped with
+/// SIGSTOP, its port left open): an HAProxy that answers every request
+/// with `NAME`.
+fn haproxy_instance(dir: &Path, name: &str) -> (u16, Spawned) {
+    let port = free_port();
+    let config = dir.join(format!("{name}.cfg"));
+    let text = format!(
+        "defaults\n    mode http\n    timeout client 60s\n    timeout connect 1s\n    timeout server 1s\n\
+         frontend {name}\n    bind 127.0.0.1:{port}\n    http-request return status 200 content-type text/plain string {name}\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let child = std::process::Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (port, Spawned(child))
+}
+
+/// `srv_op_state` (2 running, 0 down) of the server at `port` in `backend`,
+/// from `show servers state` on sherlock's admin socket; None when HAProxy
+/// no longer has it.
+fn op_state(run_dir: &Path, backend: &str, port: u16) -> Option<u32> {
+    let text = socket_command(&run_dir.join("admin.sock"), &format!("show servers state {backend}"));
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 18 && f[18] == port.to_string()).then(|| f[5].parse().ok()).flatten()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_instance_is_taken_out_and_holds_no_request_for_long() {
+    let cluster = Cluster::start().await;
+    let (sick_port, sick) = haproxy_instance(cluster.dir.path(), "sick");
+    let (well_port, _well) = haproxy_instance(cluster.dir.path(), "well");
+    let _watsons: Vec<Proc> = [sick_port, well_port]
+        .iter()
+        .map(|port| cluster.watson("emitter", &format!("http://127.0.0.1:{port}/emitter"), &[]))
+        .collect();
+    cluster.wait_for_instances("emitter", 2).await;
+    let run_dir = cluster.run_dir(cluster.sherlock_port);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(40)).pool_max_idle_per_host(0).build().unwrap();
+    let url = format!("http://127.0.0.1:{}/emitter/", cluster.sherlock_port);
+    let (counts, errors) = cluster.tally("/emitter/", 10).await;
+    assert_eq!((counts.len(), errors), (2, 0), "both serve before: {counts:?}");
+
+    // It hangs: SIGSTOP, its port still open (the kernel still accepts).
+    let stopped = Instant::now();
+    // SAFETY: stopping our own child.
+    unsafe { libc::kill(sick.0.id() as i32, libc::SIGSTOP) };
+    // A request every 100 ms for 12 s, each on its own task, so a hung one
+    // does not hold the trickle back: (sent at, took, answer or error).
+    let mut requests = Vec::new();
+    let mut out_at = None;
+    while stopped.elapsed() < Duration::from_secs(12) {
+        let (http, url) = (http.clone(), url.clone());
+        requests.push(tokio::spawn(async move {
+            let sent = stopped.elapsed();
+            let answer = match http.get(&url).send().await {
+                Ok(resp) if resp.status() == 200 => resp.text().await.map_err(|e| e.to_string()),
+                Ok(resp) => Err(format!("status {}", resp.status())),
+                Err(e) => Err(e.to_string()),
+            };
+            (sent, stopped.elapsed() - sent, answer)
+        }));
+        if out_at.is_none() && op_state(&run_dir, "svc_emitter", sick_port).is_none_or(|s| s != 2) {
+            out_at = Some(stopped.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut results = Vec::new();
+    for r in requests {
+        results.push(r.await.unwrap());
+    }
+    // SAFETY: resuming our own child, so it can be killed and reaped.
+    unsafe { libc::kill(sick.0.id() as i32, libc::SIGCONT) };
+
+    let out_at = out_at.expect("the hung instance taken out of HAProxy within 12 s");
+    let longest = results.iter().map(|(_, took, _)| *took).max().unwrap();
+    let failed: Vec<_> = results.iter().filter(|(_, _, a)| a.is_err()).collect();
+    println!(
+        "hung instance out of HAProxy after {out_at:?}; {} requests, {} failed, the longest took {longest:?}",
+        results.len(),
+        failed.len()
+    );
+    assert!(out_at < Duration::from_secs(10), "taken out after {out_at:?}");
+    assert!(longest < Duration::from_secs(15), "a request waited {longest:?} (HAProxy's server timeout is 60 s)");
+    // Only requests sent before it was out may have failed (those that went
+    // to it); every later one is answered by the healthy instance.
+    for (sent, took, answer) in &results {
+        if *sent > out_at {
+            assert_eq!(answer.as_deref(), Ok("well"), "sent at {sent:?}, took {took:?}");
+        }
+    }
+    assert!(failed.iter().all(|(sent, _, _)| *sent <= out_at), "{failed:?}");
+}

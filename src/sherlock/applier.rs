@@ -518,6 +518,21 @@ mod tests {
     }
 
     #[test]
+    fn an_atomic_write_replaces_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("haproxy.cfg");
+        write_atomic(&path, "old\n").unwrap();
+        write_atomic(&path, "new\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new\n");
+        // A temp file that cannot be written (here: a directory in its
+        // place, which fails for root too) leaves the file as it was.
+        std::fs::create_dir(dir.path().join("haproxy.cfg.tmp")).unwrap();
+        let err = write_atomic(&path, "newer\n").unwrap_err();
+        assert!(err.to_string().starts_with(&format!("cannot write {}: ", path.display())), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new\n");
+    }
+
+    #[test]
     fn warming_snapshots_add_but_never_remove() {
         let prev = snap(5, false, &["a", "b"]);
         let next = snap(1, true, &["c"]);

@@ -3,19 +3,23 @@
 # routes repo (a fresh git repo made from examples/repo), three emitter
 # instances with their watsons, a transform that consumes emitter, a barker
 # service with a 90/10 canary (three v1 instances, one v2), and a sherlock in
-# front of it all. Ctrl-C stops every process it started.
+# front of it all. Ctrl-C stops every process it started, at any moment.
+#
+# The environment may move it (the tests run it so): DSTACK_BIN (the
+# binaries, default target/release), DSTACK_EXAMPLES (default
+# $DSTACK_BIN/examples), DEMO_STATE (default .demo), and every port below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bin=target/release
-ex=target/release/examples
-state=.demo
+bin=${DSTACK_BIN:-target/release}
+ex=${DSTACK_EXAMPLES:-$bin/examples}
+state=${DEMO_STATE:-.demo}
 DIRECTORY_PORT=${DIRECTORY_PORT:-7575}
 SHERLOCK_PORT=${SHERLOCK_PORT:-8000}
 ADMIN_PORT=${ADMIN_PORT:-8001}
-EMITTER_PORTS=(9001 9002 9003)
-TRANSFORM_PORT=9100
-BARKER_PORTS=(9201 9202 9203 9204)
+read -r -a EMITTER_PORTS <<<"${EMITTER_PORTS:-9001 9002 9003}"
+TRANSFORM_PORT=${TRANSFORM_PORT:-9100}
+read -r -a BARKER_PORTS <<<"${BARKER_PORTS:-9201 9202 9203 9204}"
 BARKER_VERSIONS=(v1 v1 v1 v2)
 
 for port in "$DIRECTORY_PORT" "$SHERLOCK_PORT" "${EMITTER_PORTS[@]}" "$TRANSFORM_PORT" "${BARKER_PORTS[@]}"; do
@@ -27,16 +31,23 @@ done
 
 rm -rf "$state" && mkdir -p "$state/logs"
 pids=()
+# Stops everything and exits: a signal must end the script, not return to
+# whatever it was doing (the start-up wait loop ran on for 10 s after a
+# Ctrl-C when this only cleaned up). Background processes of a script
+# ignore SIGINT, so each gets a SIGTERM.
 cleanup() {
+  local code=$1
   trap - INT TERM EXIT
   echo
   echo "stopping the demo..."
-  # watsons first, so they deregister; then the rest.
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   echo "stopped; logs are in $state/logs/"
+  exit "$code"
 }
-trap cleanup INT TERM EXIT
+trap 'cleanup 130' INT
+trap 'cleanup 143' TERM
+trap 'cleanup $?' EXIT
 
 start() { # name, command...
   local name=$1; shift

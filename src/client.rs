@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::model::{DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotError, SnapshotId, MAX_SNAPSHOT_BYTES};
-use crate::protocol::{InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck};
+use crate::model::{
+    ClientName, DirectoryAddr, Heartbeat, InstanceId, Snapshot, SnapshotError, SnapshotId, MAX_SNAPSHOT_BYTES,
+};
+use crate::protocol::{ErrorBody, InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck};
 use crate::secret::Secret;
 use crate::tls::ClientTls;
 
@@ -70,7 +72,13 @@ pub enum ClientError {
         hint: &'static str,
     },
     #[error("directory {addr} refused the request ({status}): {message}")]
-    Refused { addr: DirectoryAddr, status: u16, message: String },
+    Refused {
+        addr: DirectoryAddr,
+        status: u16,
+        message: String,
+        /// A heartbeat refused for its TTL: the largest the directory accepts.
+        max_ttl_ms: Option<u64>,
+    },
     #[error("directory {addr} sent a reply that could not be read: {source}")]
     Decode {
         addr: DirectoryAddr,
@@ -91,6 +99,14 @@ impl ClientError {
     /// A refusal (4xx) will not go away by retrying the same request.
     pub fn is_refusal(&self) -> bool {
         matches!(self, ClientError::Refused { status, .. } if (400..500).contains(status))
+    }
+
+    /// The largest TTL the directory accepts, when it refused a heartbeat's.
+    pub fn max_ttl(&self) -> Option<Duration> {
+        match self {
+            ClientError::Refused { max_ttl_ms: Some(ms), .. } => Some(Duration::from_millis(*ms)),
+            _ => None,
+        }
     }
 }
 
@@ -142,6 +158,15 @@ impl ClientFlags {
             client_key: self.client_key.clone(),
         }
     }
+}
+
+/// A sherlock as its snapshot queries report it: its name, the client
+/// whose routes it follows, and the snapshot it has applied.
+#[derive(Debug, Clone, Copy)]
+pub struct Reporter<'a> {
+    pub name: &'a str,
+    pub client: &'a ClientName,
+    pub applied: SnapshotId,
 }
 
 /// One directory, with its HTTP connection pool.
@@ -212,11 +237,11 @@ impl DirectoryClient {
         let status = resp.status();
         if !status.is_success() {
             let body = resp.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_string))
-                .unwrap_or(body);
-            return Err(ClientError::Refused { addr: self.addr.clone(), status: status.as_u16(), message });
+            let (message, max_ttl_ms) = match serde_json::from_str::<ErrorBody>(&body) {
+                Ok(refusal) => (refusal.error, refusal.max_ttl_ms),
+                Err(_) => (body, None),
+            };
+            return Err(ClientError::Refused { addr: self.addr.clone(), status: status.as_u16(), message, max_ttl_ms });
         }
         Ok(resp)
     }
@@ -242,15 +267,16 @@ impl DirectoryClient {
         &self,
         held: SnapshotId,
         wait: Duration,
-        me: Option<(&str, SnapshotId)>,
+        me: Option<Reporter<'_>>,
     ) -> Result<Snapshot, ClientError> {
         let query = SnapshotQuery {
             epoch: held.epoch,
             index: held.index,
             wait: Some(format!("{}ms", wait.as_millis())),
-            sherlock: me.map(|(name, _)| name.to_string()),
-            applied_epoch: me.map(|(_, applied)| applied.epoch),
-            applied: me.map(|(_, applied)| applied.index),
+            sherlock: me.map(|m| m.name.to_string()),
+            client: me.map(|m| m.client.to_string()),
+            applied_epoch: me.map(|m| m.applied.epoch),
+            applied: me.map(|m| m.applied.index),
         };
         let req = self.http.get(self.url("/v1/snapshot")).query(&query).timeout(wait + Duration::from_secs(10));
         let resp = self.respond(req).await?;

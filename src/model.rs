@@ -427,6 +427,12 @@ pub struct Snapshot {
     /// The routes commit this snapshot was built from, if any repo is set:
     /// 7 to 64 lowercase hex digits.
     pub commit: Option<String>,
+    /// How many commits that commit's history holds (`git rev-list
+    /// --count`): more for every commit the branch moves forward, and the
+    /// same on every directory, so a sherlock following several prefers
+    /// the one that is not behind. Absent from older directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_count: Option<u64>,
     /// True while the directory is younger than one TTL: its registry may
     /// still be filling, so subscribers must not remove backends from it.
     pub warming: bool,
@@ -514,6 +520,8 @@ struct UncheckedSnapshot {
     index: u64,
     commit: Option<String>,
     #[serde(default)]
+    commit_count: Option<u64>,
+    #[serde(default)]
     warming: bool,
     #[serde(deserialize_with = "bounded::services")]
     services: BTreeMap<ServiceName, ServiceBackends>,
@@ -530,6 +538,7 @@ impl TryFrom<UncheckedSnapshot> for Snapshot {
             epoch: raw.epoch,
             index: raw.index,
             commit: raw.commit,
+            commit_count: raw.commit_count,
             warming: raw.warming,
             services: raw.services,
             clients: raw.clients,

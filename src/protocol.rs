@@ -24,6 +24,11 @@ pub struct WriteAck {
     pub removed: Option<bool>,
     pub epoch: u64,
     pub index: u64,
+    /// For a `PUT`: the largest `ttl_ms` this directory accepts (its
+    /// `--max-ttl`), so that a watson whose own TTL is longer heartbeats
+    /// often enough to stay inside it. Absent from older directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttl_ms: Option<u64>,
 }
 
 impl WriteAck {
@@ -50,6 +55,10 @@ pub struct SnapshotQuery {
     /// `dw apply` can wait for convergence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sherlock: Option<String>,
+    /// The client whose routes it follows (`--client`), checked against a
+    /// sherlock token's `client:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_epoch: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,6 +81,10 @@ pub struct InstanceStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SherlockStatus {
     pub name: String,
+    /// The client whose routes it follows, when it said (older sherlocks
+    /// do not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
     /// The snapshot it has applied to its HAProxy: (applied_epoch, applied).
     #[serde(default)]
     pub applied_epoch: u64,
@@ -86,12 +99,32 @@ impl SherlockStatus {
     }
 }
 
+/// Why a routes commit was kept out of traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectKind {
+    /// Its routes files do not validate.
+    #[default]
+    Invalid,
+    /// The branch moved to a commit that does not descend from the one in
+    /// force (a force-push rewinding it), and the directory runs without
+    /// `--allow-rewind`.
+    Rewind,
+    /// It removes every route, without the `Dstack-Allow-Empty: yes`
+    /// trailer.
+    Empty,
+}
+
 /// A routes commit that failed validation and is kept out of traffic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejected {
     pub commit: String,
     pub summary: String,
-    /// Each as `routes/barker.yaml:3:7: message`.
+    /// Why: invalid files, a rewind, or every route removed.
+    #[serde(default)]
+    pub kind: RejectKind,
+    /// Each as `routes/barker.yaml:3:7: message`, or the one reason of a
+    /// rewind or an emptying commit and what would let it through.
     pub errors: Vec<String>,
     /// RFC 3339.
     pub at: String,
@@ -113,6 +146,14 @@ pub struct RoutesStatus {
     pub rejected: Option<Rejected>,
     /// Why the last fetch failed, while it keeps failing.
     pub error: Option<String>,
+    /// Set until the first successful fetch of this run: the commit in
+    /// force is the one a previous run accepted, read from the mirror in
+    /// the state dir (`not fetched since start`).
+    #[serde(default)]
+    pub stale: Option<String>,
+    /// When the fetch under way started (RFC 3339); None when none is.
+    #[serde(default)]
+    pub fetching_since: Option<String>,
 }
 
 /// `GET /v1/status`.
@@ -148,4 +189,34 @@ impl Status {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    /// On a heartbeat refused for its `ttl_ms`: the largest this directory
+    /// accepts, so that watson can adapt instead of being refused again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttl_ms: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Old directories and old watsons: the field is optional both ways.
+    #[test]
+    fn max_ttl_ms_is_optional_both_ways() {
+        let old: WriteAck = serde_json::from_str(r#"{"epoch":1,"index":2}"#).unwrap();
+        assert_eq!(old.max_ttl_ms, None);
+        let new = WriteAck { removed: None, epoch: 1, index: 2, max_ttl_ms: Some(10_000) };
+        let json = serde_json::to_string(&new).unwrap();
+        assert_eq!(json, r#"{"epoch":1,"index":2,"max_ttl_ms":10000}"#);
+        // What an older watson reads: its WriteAck had no such field, and
+        // unknown fields are ignored.
+        #[derive(Deserialize)]
+        struct OldAck {
+            epoch: u64,
+            index: u64,
+        }
+        let read: OldAck = serde_json::from_str(&json).unwrap();
+        assert_eq!((read.epoch, read.index), (1, 2));
+        let refusal: ErrorBody = serde_json::from_str(r#"{"error":"no"}"#).unwrap();
+        assert_eq!(refusal.max_ttl_ms, None);
+    }
 }

@@ -232,17 +232,27 @@ async fn each_role_may_do_its_part_and_no_more() {
     let base = s.base();
     let main = s.token("main").arg();
     let (port, _sherlock) =
-        sherlock(s.tmp.path(), &s.http, &base, &["--name", "fake-name", "--token-file", main]).await;
+        sherlock(s.tmp.path(), &s.http, &base, &["--name", "fake-name", "--client", "monolith", "--token-file", main])
+            .await;
     eventually(Duration::from_secs(15), "emitter served through sherlock", async || {
         let (code, body) = get_via(&s.http, port, "/emitter/").await.ok()?;
         (code == 200 && body.starts_with("vm101 ")).then_some(())
     })
     .await;
-    // A sherlock token's name is what status shows, whatever --name says.
+    // A sherlock token's name is what status shows, whatever --name says;
+    // and the client it follows is its token's.
     let status = s.status().await;
-    let names: Vec<&str> =
-        status["sherlocks"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["main"], "{status}");
+    let seen: Vec<(&str, &str)> = status["sherlocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["client"].as_str().unwrap_or("-")))
+        .collect();
+    assert_eq!(seen, [("main", "monolith")], "{status}");
+    // The same token on a sherlock that follows another client is refused,
+    // and that sherlock says why.
+    let (_, other) = sherlock(s.tmp.path(), &s.http, &base, &["--client", "web", "--token-file", main]).await;
+    other.wait_for_log("token \"main\" is for client monolith, not web", Duration::from_secs(10)).await;
     // The emitter token cannot register barker; watson says why.
     wrong_watson
         .wait_for_log("may not register or deregister instances of service \"barker\"", Duration::from_secs(10))
@@ -269,6 +279,15 @@ async fn each_role_may_do_its_part_and_no_more() {
         (Some("vm201"), "DELETE", "/v1/instances/x2", None, 200, ""),
         (Some("vm201"), "PUT", "/v1/instances/x3", Some(&emitter_hb), 403, "its services are barker*"),
         (Some("main"), "GET", "/v1/snapshot", None, 200, ""),
+        (
+            Some("main"),
+            "GET",
+            "/v1/snapshot?sherlock=m&client=web",
+            None,
+            403,
+            "run this sherlock with --client monolith",
+        ),
+        (Some("main"), "GET", "/v1/snapshot?sherlock=m&client=Bad!", None, 400, "invalid client"),
         (Some("main"), "GET", "/v1/status", None, 403, "token \"main\" has role sherlock"),
         (Some("main"), "POST", "/v1/reconcile", None, 403, "needs role operator"),
         (Some("main"), "PUT", "/v1/instances/x4", Some(&emitter_hb), 403, "needs role watson"),
@@ -343,7 +362,8 @@ async fn the_unauthenticated_attacks_of_the_issue_are_refused() {
     let _watson = s.watson("vm101", "emitter", &real.url("/emitter"));
     let base = s.base();
     let main = s.token("main").arg();
-    let (port, _sherlock) = sherlock(s.tmp.path(), &s.http, &base, &["--token-file", main]).await;
+    let (port, _sherlock) =
+        sherlock(s.tmp.path(), &s.http, &base, &["--client", "monolith", "--token-file", main]).await;
     eventually(Duration::from_secs(15), "emitter served through sherlock", async || {
         let (code, body) = get_via(&s.http, port, "/emitter/").await.ok()?;
         (code == 200 && body.starts_with("real ")).then_some(())

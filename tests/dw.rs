@@ -42,15 +42,15 @@ impl Setup {
             cluster.wait_for_instances("barker", versions.len()).await;
         }
         cluster.wait_for_commit(initial).await;
+        // The end of warming publishes a snapshot; the tests check that
+        // plan publishes none.
+        cluster.wait_until_warm().await;
         Setup { repo, initial, cluster, instances, _watsons: watsons, _tmp: tmp }
     }
 
     /// Runs dw in the clone against this cluster's directory.
     fn dw(&self, args: &[&str]) -> (i32, String, String) {
-        let directory = self.cluster.directory_url();
-        let mut all = vec!["-d", directory.as_str()];
-        all.extend_from_slice(args);
-        run_dw(&all, Some(&self.repo.work))
+        self.cluster.dw_in(&self.repo.work, args)
     }
 
     fn read(&self, path: &str) -> String {
@@ -293,7 +293,7 @@ fn route_set_refuses_bad_weights_and_leaves_the_file_untouched() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = RoutesRepo::new(tmp.path());
     repo.commit(&[("routes/barker.yaml", BARKER), ("routes/emitter.yaml", EMITTER)], "initial routes");
-    // No directory is needed to edit; this one is never called.
+    // No directory is needed to edit; this one is never called (so it stays plain in secure mode).
     let dw = |args: &[&str]| run_dw(&[&["-d", "127.0.0.1:1"], args].concat(), Some(&repo.work));
     let barker = repo.work.join("routes/barker.yaml");
     let mtime = || std::fs::metadata(&barker).unwrap().modified().unwrap();
@@ -325,6 +325,7 @@ fn route_add_in_the_dstack_form_scales_the_other_versions() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = RoutesRepo::new(tmp.path());
     repo.commit(&[("routes/barker.yaml", BARKER), ("routes/emitter.yaml", EMITTER)], "initial routes");
+    // Editing needs no directory: this one is never called, so it stays plain in secure mode.
     let dw = |args: &[&str]| run_dw(&[&["-d", "127.0.0.1:1"], args].concat(), Some(&repo.work));
     let read = || std::fs::read_to_string(repo.work.join("routes/barker.yaml")).unwrap();
 
@@ -386,7 +387,12 @@ async fn status_shows_a_rejected_commit_with_its_error_and_each_sherlock() {
     let line = out.lines().find(|l| l.contains(&sherlock)).unwrap_or_else(|| panic!("no sherlock:\n{out}"));
     let index = s.cluster.status().await["index"].as_u64().unwrap();
     let fields: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!((fields[1], fields[2]), (index.to_string().as_str(), "0"), "applied {index}, lag 0: {line}");
+    // NAME CLIENT APPLIED LAG LAST-SEEN: the cluster's sherlock follows client vm.
+    assert_eq!(
+        (fields[1], fields[2], fields[3]),
+        ("vm", index.to_string().as_str(), "0"),
+        "applied {index}, lag 0: {line}"
+    );
 
     let run = s.dw(&["status", "--json"]);
     expect(0, &run);
@@ -423,9 +429,17 @@ async fn config_set_directory_is_the_default_and_d_overrides_it() {
         (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
     };
     let url = s.cluster.directory_url();
+    // In secure mode the token and the CA come from the same file, which
+    // `config set` must keep.
+    let file = home.path().join(".config/dstack/dw.yaml");
+    let secure = s.cluster.client_config(&s.cluster.operator_token());
+    if !secure.is_empty() {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, &secure).unwrap();
+    }
     expect(0, &dw(&["config", "set", "directory", &url]));
-    let written = std::fs::read_to_string(home.path().join(".config/dstack/dw.yaml")).unwrap();
-    assert_eq!(written, format!("directory: {url}\n"));
+    let written = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(written, format!("{secure}directory: {url}\n"));
 
     let run = dw(&["route", "list"]);
     expect(0, &run);
@@ -515,6 +529,7 @@ fn dw_into_a_closed_pipe(s: &Setup, home: &Path, args: &[&str]) -> (Option<i32>,
     let directory = s.cluster.directory_url();
     let out = Command::new(bin("dw"))
         .args(["-d", &directory])
+        .args(s.cluster.operator_flags())
         .args(args)
         .current_dir(&s.repo.work)
         .env("HOME", home)
@@ -553,23 +568,15 @@ async fn route_list_json_piped_to_head_does_not_panic_on_the_broken_pipe() {
     }
 }
 
-/// A directory following `repo`, with no sherlock; stopped on drop.
-async fn lone_directory(dir: &Path, repo: &RoutesRepo, commit: git2::Oid) -> (String, Proc) {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let state = dir.join(format!("directory-{port}")).to_str().unwrap().to_string();
-    let args = ["--listen", &listen, "--repo", &repo.url(), "--poll", "1h", "--state-dir", &state];
-    let directory = Proc::start(dir, "directory", &args);
-    let url = format!("http://{listen}");
-    let http = reqwest::Client::new();
-    let status = format!("{url}/v1/status");
+/// A directory following `repo`, with no sherlock, once it serves `commit`.
+async fn lone_directory(repo: &RoutesRepo, commit: git2::Oid) -> Cluster {
+    let cluster = Cluster::directory_alone(&["--repo", &repo.url(), "--poll", "1h"]).await;
     let want = commit.to_string();
     eventually(std::time::Duration::from_secs(15), "the directory to serve the first commit", async || {
-        let status: serde_json::Value = http.get(&status).send().await.ok()?.json().await.ok()?;
-        (status["commit"] == want.as_str()).then_some(())
+        (cluster.status().await["commit"] == want.as_str()).then_some(())
     })
     .await;
-    (url, directory)
+    cluster
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -577,8 +584,8 @@ async fn apply_with_no_sherlock_subscribed_does_not_report_success() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = RoutesRepo::new(tmp.path());
     let initial = repo.commit(&[("routes/barker.yaml", BARKER)], "initial routes");
-    let (url, _directory) = lone_directory(tmp.path(), &repo, initial).await;
-    let dw = |args: &[&str]| run_dw(&[&["-d", url.as_str()], args].concat(), Some(&repo.work));
+    let directory = lone_directory(&repo, initial).await;
+    let dw = |args: &[&str]| directory.dw_in(&repo.work, args);
 
     expect(0, &dw(&["route", "set", "barker", "v1=90", "v2=10"]));
     let run = dw(&["apply", "--timeout", "1s"]);
@@ -588,7 +595,7 @@ async fn apply_with_no_sherlock_subscribed_does_not_report_success() {
     assert!(run.2.contains("timed out") && run.2.contains("no sherlock is subscribed"), "says why: {}", run.2);
     // The directory does serve it: only the claim of convergence is refused.
     let head = repo.repo.head().unwrap().peel_to_commit().unwrap().id();
-    let status: serde_json::Value = reqwest::get(format!("{url}/v1/status")).await.unwrap().json().await.unwrap();
+    let status = directory.status().await;
     assert_eq!(status["commit"], head.to_string(), "{status}");
 }
 
@@ -619,7 +626,10 @@ async fn dw_takes_its_directory_from_d_then_dstack_directory_then_its_config_fil
     let dead = format!("127.0.0.1:{}", free_port());
     let config = home.path().join("xdg/dstack/dw.yaml");
     std::fs::create_dir_all(config.parent().unwrap()).unwrap();
-    let write_config = |directory: &str| std::fs::write(&config, format!("directory: {directory}\n")).unwrap();
+    // In secure mode the file also holds the token and the CA, which dw
+    // takes from it whichever way it picks its directory.
+    let secure = s.cluster.client_config(&s.cluster.operator_token());
+    let write_config = |directory: &str| std::fs::write(&config, format!("directory: {directory}\n{secure}")).unwrap();
     let lists_barker = |run: &(i32, String, String)| {
         expect(0, run);
         assert!(run.1.lines().any(|l| l.starts_with("barker") && l.contains("100.0%")), "{}", run.1);

@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -17,8 +16,7 @@ const CANARY: &str = "barker:\n  v1: 90\n  v2: 10\n";
 /// (no sherlock: these tests stop at the push).
 struct Setup {
     repo: RoutesRepo,
-    directory: String,
-    _directory: Proc,
+    directory: Cluster,
     _tmp: tempfile::TempDir,
 }
 
@@ -27,22 +25,8 @@ impl Setup {
         let tmp = tempfile::Builder::new().prefix("dstack-dwgit").tempdir().unwrap();
         let repo = RoutesRepo::new(tmp.path());
         repo.commit(&[("routes/barker.yaml", BARKER)], "initial routes");
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let url = repo.url();
-        let state = tmp.path().join("state");
-        let proc = Proc::start(
-            tmp.path(),
-            "directory",
-            &["--listen", &listen, "--repo", &url, "--poll", "1h", "--state-dir", state.to_str().unwrap()],
-        );
-        let directory = format!("http://{listen}");
-        let http = reqwest::Client::new();
-        eventually(std::time::Duration::from_secs(10), "the directory", async || {
-            http.get(format!("{directory}/v1/status")).send().await.ok()
-        })
-        .await;
-        Setup { repo, directory, _directory: proc, _tmp: tmp }
+        let directory = Cluster::directory_alone(&["--repo", &repo.url(), "--poll", "1h"]).await;
+        Setup { repo, directory, _tmp: tmp }
     }
 
     fn hook(&self, name: &str, script: &str) {
@@ -65,8 +49,7 @@ impl Setup {
     /// `dw apply` of the canary, in the clone, with a short convergence wait.
     fn apply_canary(&self) -> (i32, String, String) {
         std::fs::write(self.repo.work.join("routes/barker.yaml"), CANARY).unwrap();
-        let work: &Path = &self.repo.work;
-        run_dw(&["-d", &self.directory, "apply", "--timeout", "1s", "-m", "barker: canary"], Some(work))
+        self.directory.dw_in(&self.repo.work, &["apply", "--timeout", "1s", "-m", "barker: canary"])
     }
 }
 
@@ -119,8 +102,7 @@ async fn apply_and_rollback_sign_with_the_users_ssh_key() {
     let (signature, _) = remote.extract_signature(&pushed, None).expect("the apply commit is signed");
     assert!(signature.as_str().unwrap().contains("BEGIN SSH SIGNATURE"), "{:?}", signature.as_str());
 
-    let work: &Path = &s.repo.work;
-    let (code, _, stderr) = run_dw(&["-d", &s.directory, "rollback", "--timeout", "1s"], Some(work));
+    let (code, _, stderr) = s.directory.dw_in(&s.repo.work, &["rollback", "--timeout", "1s"]);
     assert_eq!(code, 1, "{stderr}");
     let reverted = s.remote_head();
     assert_ne!(reverted, pushed, "the revert was pushed: {stderr}");

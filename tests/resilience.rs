@@ -249,21 +249,20 @@ async fn runtime_drift_is_corrected_and_counted() {
 async fn sherlock_fails_over_to_the_next_directory() {
     // Two directories; every watson heartbeats to both; sherlock follows both.
     let mut cluster = Cluster::start().await;
-    let second_port = free_port();
-    let listen = format!("127.0.0.1:{second_port}");
-    let state = cluster.dir.path().join("second-directory").to_str().unwrap().to_string();
-    let _second =
-        Proc::start(cluster.dir.path(), "directory", &["--listen", &listen, "--max-ttl", "3s", "--state-dir", &state]);
     let first = cluster.directory_url();
-    let second = format!("http://127.0.0.1:{second_port}");
+    // The second directory reads the shared auth file when it starts: the
+    // sherlock's token goes in first (a no-op when plain). Until the second
+    // answers, the sherlock follows the first.
     let port = free_port();
+    cluster.sherlock_token(&Cluster::sherlock_name(port)).await;
+    let (second, _second) = cluster.another_directory("second-directory");
     let (port, _sherlock) = cluster.start_sherlock_at(port, &["-d", &second]).await;
+    let flags = cluster.watson_flags();
     let watson = |instance: &Instance| {
-        Proc::start(
-            cluster.dir.path(),
-            "watson",
-            &["-d", &first, "-d", &second, "emitter", &instance.url("/emitter"), "1"],
-        )
+        let url = instance.url("/emitter");
+        let mut args = vec!["-d", first.as_str(), "-d", second.as_str(), "emitter", url.as_str(), "1"];
+        args.extend(flags.iter().map(String::as_str));
+        Proc::start(cluster.dir.path(), "watson", &args)
     };
     let a = Instance::start("vm101").await;
     let _wa = watson(&a);

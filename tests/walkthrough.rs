@@ -50,10 +50,21 @@ async fn round_robin_path_rewrite_and_route_list() {
         assert!(line.starts_with("emitter") && line.contains(" v1 ") && line.contains(" yes "), "{line}");
         assert!(line.contains("33.3%") && line.contains("s ago"), "{line}");
     }
-    // The address forms of the README (Command lines) all reach the same directory.
-    let port = cluster.directory_port.to_string();
-    for form in [format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}/")] {
-        let (code, out, err) = run_dw(&["-d", &form, "route", "list"], None);
+    // The address forms of the README (Command lines) all reach the same
+    // directory. A bare `host:port` means http, so a TLS directory is
+    // reached by its https:// forms (the certificate names both hosts).
+    let port = cluster.directory_port;
+    let forms = if cluster.security.is_some() {
+        [format!("https://127.0.0.1:{port}/"), format!("https://localhost:{port}")]
+    } else {
+        [format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}/")]
+    };
+    let flags = cluster.operator_flags();
+    for form in forms {
+        let mut args = vec!["-d", form.as_str()];
+        args.extend(flags.iter().map(String::as_str));
+        args.extend(["route", "list"]);
+        let (code, out, err) = run_dw(&args, None);
         assert_eq!(code, 0, "{form}: {err}");
         assert!(out.contains("rooted"), "{out}");
     }
@@ -167,9 +178,10 @@ async fn a_transform_consumes_emitter_through_sherlock_as_a_pipeline() {
     )
     .unwrap();
     let config = cluster.dir.path().join("watson.yaml");
+    let secure = cluster.client_config(&cluster.watson_token());
     std::fs::write(
         &config,
-        format!("directories:\n  - {}\nservices_dir: {}\n", cluster.directory_url(), services.display()),
+        format!("directories:\n  - {}\nservices_dir: {}\n{secure}", cluster.directory_url(), services.display()),
     )
     .unwrap();
     let _wt = Proc::start(cluster.dir.path(), "watson", &["-c", config.to_str().unwrap()]);
@@ -222,7 +234,8 @@ async fn a_check_url_elsewhere_decides_liveness() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_names_are_refused_at_the_api_and_the_cli() {
     let cluster = Cluster::start().await;
-    let http = reqwest::Client::new();
+    // As a watson may (with its token in secure mode), so the refusals are the body's.
+    let http = cluster.http_as(&cluster.watson_token());
     let put = |id: &str, body: &str| {
         http.put(format!("{}/v1/instances/{id}", cluster.directory_url())).body(body.to_string()).send()
     };
@@ -288,10 +301,11 @@ async fn sherlock_reads_its_config_file_when_given_no_directory() {
     let port = free_port();
     let config = cluster.dir.path().join("sherlock.yaml");
     let run_dir = cluster.dir.path().join("from-file");
+    let secure = cluster.client_config(&cluster.sherlock_token("from-file").await);
     std::fs::write(
         &config,
         format!(
-            "directories:\n  - {}\nlisten: 127.0.0.1:{port}\nrun_dir: {}\nadmin: 127.0.0.1:{}\nclient: monolith\n",
+            "directories:\n  - {}\nlisten: 127.0.0.1:{port}\nrun_dir: {}\nadmin: 127.0.0.1:{}\nclient: monolith\n{secure}",
             cluster.directory_url(),
             run_dir.display(),
             free_port()

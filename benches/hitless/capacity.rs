@@ -224,7 +224,7 @@ struct AtScale {
 }
 
 async fn propagation_at_scale(tmp: &Path, directory: &DirectoryProc, method: Method) -> AtScale {
-    let target = Target::start(method, tmp, &directory.base).await;
+    let target = Target::start(method, tmp, directory).await;
     target.wait_servers(&all_servers()).await;
     let before = target.counts(directory).await;
     let apply_metrics = async || {

@@ -14,7 +14,7 @@ use dstack::sherlock::haproxy::socket_command;
 use dstack::sherlock::runtime::{self, ADMIN_FORCED_DRAIN, ADMIN_FORCED_MAINT};
 use serde_json::{json, Value};
 
-use crate::common::{free_port, haproxy_pids, metric, parse_show_proc, try_socket_command, Proc, ProcState};
+use crate::common::{free_port, haproxy_pids, metric, parse_show_proc, try_socket_command, Proc, ProcState, Security};
 use crate::naive::Naive;
 
 /// The shared directory's TTLs: long enough that a busy machine never
@@ -102,6 +102,27 @@ pub fn metric_f64(text: &str, name: &str) -> f64 {
     value.parse().unwrap_or_else(|_| panic!("/metrics: unreadable value in {line:?}"))
 }
 
+/// One figure of a shared section, so that a plain run and a secure run
+/// of it can be set side by side (`DSTACK_BENCH_SECURE=both`).
+#[derive(Debug, Clone)]
+pub struct Figure {
+    /// What and for which method, e.g. "propagation p99 · sherlock, runtime API".
+    pub name: String,
+    pub value: f64,
+    /// "ms", "s", or "" for a count.
+    pub unit: &'static str,
+}
+
+pub fn figure(name: impl Into<String>, value: f64, unit: &'static str) -> Figure {
+    Figure { name: name.into(), value, unit }
+}
+
+/// What a shared section reports: its markdown, and its figures.
+pub struct Section {
+    pub text: String,
+    pub figures: Vec<Figure>,
+}
+
 // ---------------------------------------------------------------------------
 // Instances and the directory
 
@@ -164,24 +185,98 @@ pub fn snapshots_carrying(written: &[Written]) -> Option<usize> {
     Some(written.iter().collect::<BTreeSet<_>>().len())
 }
 
+/// Whether the shared sections run with tokens and TLS: `DSTACK_BENCH_SECURE`
+/// is `1` (secure), `both` (plain, then secure, side by side), else plain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Plain,
+    Secure,
+}
+
+impl Wire {
+    pub fn label(self) -> &'static str {
+        match self {
+            Wire::Plain => "plain HTTP, no tokens",
+            Wire::Secure => "tokens and TLS",
+        }
+    }
+}
+
+/// Tokens and TLS as on a real network: the end-to-end tests' `Security`
+/// (a private CA and the directory's certificate, an auth file, a watson
+/// token for the bench's heartbeats and an operator token for its reads),
+/// and one sherlock token that every proxy of the run subscribes with.
+pub struct Secure {
+    security: Security,
+    sherlock_token: PathBuf,
+}
+
+impl Secure {
+    pub fn new(dir: &Path) -> Secure {
+        let security = Security::new(dir);
+        let sherlock_token = dir.join("sherlock.token");
+        let secret = format!("bench-sherlock-{}", free_port());
+        security.add_token(&sherlock_token, &secret, "name: bench\n    role: sherlock");
+        Secure { security, sherlock_token }
+    }
+}
+
 /// A directory process and its HTTP API.
 pub struct DirectoryProc {
     pub proc: Proc,
     pub base: String,
+    /// Reads (status, metrics): the operator's token when secure.
     http: reqwest::Client,
+    /// Writes (`PUT`, `DELETE`), kept alive as watson's: a watson's token when secure.
+    writer: reqwest::Client,
+    /// The flags a sherlock following it needs (its token and the CA), none when plain.
+    pub sherlock_args: Vec<String>,
+    /// The naive loop's client for blocking queries, with the sherlock token when secure.
+    pub subscriber: reqwest::Client,
 }
 
 impl DirectoryProc {
+    /// A plain directory (auth off on loopback, as in the demo).
     pub async fn start(dir: &Path, max_ttl: &str) -> DirectoryProc {
+        Self::start_with(dir, max_ttl, None).await
+    }
+
+    /// A directory, with TLS and the auth file of `secure` when given.
+    pub async fn start_with(dir: &Path, max_ttl: &str, secure: Option<&Secure>) -> DirectoryProc {
         let port = free_port();
         let state = dir.join(format!("directory-{port}"));
         let listen = format!("127.0.0.1:{port}");
-        let args = ["--listen", &listen, "--max-ttl", max_ttl, "--state-dir", state.to_str().unwrap()];
-        let proc = Proc::start(dir, "directory", &args);
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-        let d = DirectoryProc { proc, base: format!("http://{listen}"), http };
+        let mut args: Vec<String> = ["--listen", &listen, "--max-ttl", max_ttl, "--state-dir", state.to_str().unwrap()]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let client = |token: Option<&Path>| match (secure, token) {
+            (Some(s), Some(token)) => s.security.http(token),
+            _ => reqwest::Client::builder(),
+        };
+        let (scheme, reads, writes, subscribes, sherlock_args) = match secure {
+            Some(s) => {
+                args.extend(s.security.directory_args());
+                let sec = &s.security;
+                let (reads, writes) = (Some(sec.operator_token.as_path()), Some(sec.watson_token.as_path()));
+                ("https", reads, writes, Some(s.sherlock_token.as_path()), sec.client_args(&s.sherlock_token))
+            }
+            None => ("http", None, None, None, Vec::new()),
+        };
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::start(dir, "directory", &arg_refs);
+        let timeout = Duration::from_secs(10);
+        let d = DirectoryProc {
+            proc,
+            base: format!("{scheme}://{listen}"),
+            http: client(reads).timeout(timeout).build().unwrap(),
+            writer: client(writes).timeout(timeout).build().unwrap(),
+            sherlock_args,
+            // Longer than the blocking query's 30 s wait.
+            subscriber: client(subscribes).timeout(Duration::from_secs(35)).build().unwrap(),
+        };
         let deadline = Instant::now() + Duration::from_secs(15);
-        while d.http.get(format!("{}/v1/status", d.base)).send().await.is_err() {
+        while !d.http.get(format!("{}/v1/status", d.base)).send().await.is_ok_and(|r| r.status().is_success()) {
             assert!(Instant::now() < deadline, "the directory did not answer:\n{}", tail(&d.proc));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -203,7 +298,7 @@ impl DirectoryProc {
     }
 
     async fn try_put(&self, id: &str, hb: &Value) -> Result<Written, String> {
-        let answer = self.json(self.http.put(format!("{}/v1/instances/{id}", self.base)).json(hb)).await?;
+        let answer = self.json(self.writer.put(format!("{}/v1/instances/{id}", self.base)).json(hb)).await?;
         Ok(Written::of(&answer))
     }
 
@@ -212,7 +307,7 @@ impl DirectoryProc {
     }
 
     pub async fn delete(&self, id: &str) -> Written {
-        let answer = self.json(self.http.delete(format!("{}/v1/instances/{id}", self.base))).await;
+        let answer = self.json(self.writer.delete(format!("{}/v1/instances/{id}", self.base))).await;
         Written::of(&answer.unwrap_or_else(|e| panic!("DELETE /v1/instances/{id}: {e}")))
     }
 
@@ -324,7 +419,10 @@ impl Drop for Registrar {
 /// What benchmarks 1 to 3 share: one directory, past its warming, and a pool
 /// of real HTTP servers for instances to point at.
 pub struct Env {
+    pub wire: Wire,
     pub tmp: tempfile::TempDir,
+    /// The certificates and tokens, when secure; kept for the run.
+    _secure: Option<Secure>,
     pub directory: Arc<DirectoryProc>,
     registrar: Registrar,
     pool: Vec<Server>,
@@ -333,17 +431,21 @@ pub struct Env {
 }
 
 impl Env {
-    pub async fn start() -> Env {
+    pub async fn start(wire: Wire) -> Env {
         let tmp = tempfile::Builder::new().prefix("dstack-bench").tempdir().unwrap();
-        let directory = Arc::new(DirectoryProc::start(tmp.path(), MAX_TTL).await);
+        let secure = (wire == Wire::Secure).then(|| Secure::new(tmp.path()));
+        let directory = Arc::new(DirectoryProc::start_with(tmp.path(), MAX_TTL, secure.as_ref()).await);
         let mut pool = Vec::new();
         for _ in 0..POOL {
             pool.push(Server::start().await);
         }
-        eprintln!("waiting {MAX_TTL} for the shared directory to end warming (removals apply only after it)");
+        eprintln!(
+            "waiting {MAX_TTL} for the shared directory ({}) to end warming (removals apply only after it)",
+            wire.label()
+        );
         directory.wait_warm().await;
         let registrar = Registrar::new(directory.clone());
-        Env { tmp, directory, registrar, pool, stages: AtomicUsize::new(0) }
+        Env { wire, tmp, _secure: secure, directory, registrar, pool, stages: AtomicUsize::new(0) }
     }
 
     pub fn port(&self, n: usize) -> u16 {
@@ -365,7 +467,7 @@ impl Env {
                 stage.base.push((service.clone(), id, port));
             }
         }
-        let target = Target::start(method, self.tmp.path(), &self.directory.base).await;
+        let target = Target::start(method, self.tmp.path(), &self.directory).await;
         let servers: Vec<(String, String)> =
             stage.base.iter().map(|(service, id, _)| (backend(service), id.clone())).collect();
         target.wait_servers(&servers).await;
@@ -374,7 +476,7 @@ impl Env {
     }
 
     pub async fn stop(self) {
-        let Env { tmp, directory, registrar, pool, .. } = self;
+        let Env { tmp, directory, registrar, pool, _secure, .. } = self;
         drop(registrar);
         drop(pool);
         // The aborted refresher lets go of its handle when the runtime drops it.
@@ -600,12 +702,12 @@ enum ServersState {
 }
 
 impl Target {
-    pub async fn start(method: Method, tmp: &Path, directory: &str) -> Target {
+    pub async fn start(method: Method, tmp: &Path, directory: &DirectoryProc) -> Target {
         let port = free_port();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
         let Some(mode) = method.sherlock_args() else {
             let run_dir = tmp.join(format!("n{port}"));
-            let naive = Naive::start(directory, port, run_dir.clone());
+            let naive = Naive::start(&directory.base, directory.subscriber.clone(), port, run_dir.clone());
             let admin_socket = run_dir.join("admin.sock");
             return Target { port, run_dir, admin_socket, http, proxy: Proxy::Naive(naive) };
         };
@@ -613,9 +715,10 @@ impl Target {
         let admin = format!("127.0.0.1:{}", free_port());
         let (listen, name) = (format!("127.0.0.1:{port}"), format!("bench-{port}"));
         let mut args =
-            vec!["-d", directory, "--listen", &listen, "--run-dir", run_dir.to_str().unwrap(), "--name", &name];
+            vec!["-d", &directory.base, "--listen", &listen, "--run-dir", run_dir.to_str().unwrap(), "--name", &name];
         args.extend(["--admin", &admin]);
         args.extend(mode);
+        args.extend(directory.sherlock_args.iter().map(String::as_str));
         let proc = Proc::start(tmp, "sherlock", &args);
         let admin_socket = run_dir.join("admin.sock");
         let target =

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::env::{backend, ratio, spread, Delta, Env, Method, POOL};
+use crate::env::{backend, figure, ratio, spread, Delta, Env, Method, Section, POOL};
 
 const CHANGES: usize = 100;
 /// The naive method's failures vary a lot from run to run: run it this often.
@@ -266,7 +266,7 @@ async fn one(env: &Env, method: Method, run: usize) -> FailRun {
     FailRun { method, run, phases: [a, b] }
 }
 
-pub async fn run(env: Arc<Env>) -> String {
+pub async fn run(env: Arc<Env>) -> Section {
     let order = [Method::Runtime50, Method::Naive, Method::Reload]
         .into_iter()
         .chain(std::iter::repeat_n(Method::Naive, NAIVE_RUNS - 1));
@@ -365,5 +365,17 @@ pub async fn run(env: Arc<Env>) -> String {
         })
         .collect();
     let _ = writeln!(out, "\nWall time of the changes (A, B): {}.", walls.join("; "));
-    out
+    let mut figures = Vec::new();
+    for (phase, name) in [PHASE_A, PHASE_B].into_iter().enumerate() {
+        for method in [Method::Runtime50, Method::Reload, Method::Naive] {
+            let label = method.label();
+            let (_, median, _) = spread(&failed(method, phase));
+            figures.push(figure(format!("2 failed requests, {name} (median) · {label}"), median as f64, ""));
+            let walls: Vec<f64> =
+                runs.iter().filter(|r| r.method == method).map(|r| r.phases[phase].wall.as_secs_f64()).collect();
+            let mean = walls.iter().sum::<f64>() / walls.len() as f64;
+            figures.push(figure(format!("2 wall time of the {name} (mean) · {label}"), mean, "s"));
+        }
+    }
+    Section { text: out, figures }
 }

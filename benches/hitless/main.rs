@@ -25,6 +25,16 @@
 //! HAProxy's (the master CLI's `show proc`). A section that panics, or a
 //! tool answer that cannot be read, is reported and makes the run exit
 //! non-zero; the other sections still run.
+//!
+//! `DSTACK_BENCH_SECURE=1` runs sections 1 to 3 with tokens and TLS, as on
+//! a real network: the shared directory serves TLS (a private CA made at
+//! run time) with an auth file, the bench heartbeats with a watson token,
+//! and sherlock and the naive loop subscribe with a sherlock token.
+//! `DSTACK_BENCH_SECURE=both` runs each of them twice, plain then secure
+//! against two directories started side by side, and ends with a table of
+//! each figure in both modes and their ratio. Sections 4 and 5 stay plain:
+//! 5 touches no network, and 4's load client speaks raw HTTP (what TLS
+//! costs per heartbeat is measured by `what_tls_costs` in tests/tls.rs).
 
 // The end-to-end tests' process and port helpers.
 #[path = "../../tests/common/mod.rs"]
@@ -41,7 +51,7 @@ mod scale;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use env::Env;
+use env::{Env, Figure, Section, Wire};
 
 const BENCHES: [&str; 5] = ["propagation", "failures", "reloads", "capacity", "scale"];
 /// The sections that follow the shared directory.
@@ -59,9 +69,20 @@ fn main() {
         eprintln!("hitless: no benchmark matches {filters:?}; choose among {BENCHES:?}");
         std::process::exit(2);
     }
+    let wires = match std::env::var("DSTACK_BENCH_SECURE").as_deref() {
+        Err(_) | Ok("" | "0") => vec![Wire::Plain],
+        Ok("1") => vec![Wire::Secure],
+        Ok("both") => vec![Wire::Plain, Wire::Secure],
+        Ok(other) => {
+            eprintln!(
+                "hitless: DSTACK_BENCH_SECURE={other:?}: expected 1 (tokens and TLS), both (plain, then secure), or 0"
+            );
+            std::process::exit(2);
+        }
+    };
     let started = Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let (report, failed) = rt.block_on(run(selected));
+    let (report, failed) = rt.block_on(run(selected, wires));
     rt.shutdown_timeout(Duration::from_secs(5));
     println!("\n==================== report (markdown) ====================\n");
     println!("{report}");
@@ -72,65 +93,140 @@ fn main() {
     }
 }
 
-/// Runs the sections in order; the report and the sections that failed.
-async fn run(selected: Vec<&'static str>) -> (String, Vec<&'static str>) {
+/// Runs the sections in order, the shared ones once per wire; the report
+/// and the sections that failed.
+async fn run(selected: Vec<&'static str>, wires: Vec<Wire>) -> (String, Vec<&'static str>) {
     let mut out = env::machine();
+    let labels: Vec<&str> = wires.iter().map(|w| w.label()).collect();
+    out.push_str(&format!("\nSections 1 to 3: {}.\n", labels.join(", then ")));
     println!("{out}");
     let mut failed = Vec::new();
-    let env = if selected.iter().any(|b| SHARED.contains(b)) {
-        // Its own task too: a directory that does not start fails the
-        // sections that need it, not the others.
-        match tokio::spawn(Env::start()).await {
-            Ok(env) => Some(Arc::new(env)),
-            Err(e) => {
-                let why = panic_text(e);
-                for name in selected.iter().filter(|b| SHARED.contains(b)) {
-                    out.push_str(&format!("\n## {name}\n\n**FAILED**: the shared directory did not start: {why}\n"));
-                    failed.push(*name);
+    let mut envs: Vec<Arc<Env>> = Vec::new();
+    if selected.iter().any(|b| SHARED.contains(b)) {
+        // Started together (each waits out its warming), each in its own
+        // task: a directory that does not start fails the sections that
+        // need it, not the others.
+        let starts: Vec<_> = wires.iter().map(|w| tokio::spawn(Env::start(*w))).collect();
+        for start in starts {
+            match start.await {
+                Ok(env) => envs.push(Arc::new(env)),
+                Err(e) => {
+                    let why = panic_text(e);
+                    for name in selected.iter().filter(|b| SHARED.contains(b)) {
+                        if !failed.contains(name) {
+                            out.push_str(&format!(
+                                "\n## {name}\n\n**FAILED**: a shared directory did not start: {why}\n"
+                            ));
+                            failed.push(*name);
+                        }
+                    }
                 }
-                None
             }
         }
-    } else {
-        None
-    };
+        if envs.len() < wires.len() {
+            envs.clear();
+        }
+    }
+    // Each wire's figures, to set side by side.
+    let mut figures: Vec<(Wire, Vec<Figure>)> = Vec::new();
     for name in selected {
         if failed.contains(&name) {
             continue;
         }
-        let env = env.clone();
-        let t0 = Instant::now();
-        eprintln!("--- {name} ...");
-        // Each in its own task: a panic in one is reported, the others still run.
-        let section = tokio::spawn(async move {
-            match name {
-                "propagation" => propagation::run(env.unwrap()).await,
-                "failures" => failures::run(env.unwrap()).await,
-                "reloads" => reloads::run(env.unwrap()).await,
-                "capacity" => capacity::run().await,
-                "scale" => scale::run().await,
-                _ => unreachable!(),
-            }
-        })
-        .await;
-        let text = match section {
-            Ok(text) => text,
-            Err(e) => {
-                failed.push(name);
-                format!("\n## {name}\n\n**FAILED**: {}\n", panic_text(e))
-            }
-        };
-        let text = format!("{text}\n_{name}: {:.0} s of wall time._\n", t0.elapsed().as_secs_f64());
+        let runs: Vec<Option<Arc<Env>>> =
+            if SHARED.contains(&name) { envs.iter().cloned().map(Some).collect() } else { vec![None] };
+        for env in runs {
+            let wire = env.as_ref().map(|e| e.wire);
+            let t0 = Instant::now();
+            let mode = match wire {
+                Some(w) if wires.len() > 1 => format!(" ({})", w.label()),
+                _ => String::new(),
+            };
+            eprintln!("--- {name}{mode} ...");
+            // Each in its own task: a panic in one is reported, the others still run.
+            let section = tokio::spawn(async move {
+                let plain = |text: String| Section { text, figures: Vec::new() };
+                match name {
+                    "propagation" => propagation::run(env.unwrap()).await,
+                    "failures" => failures::run(env.unwrap()).await,
+                    "reloads" => reloads::run(env.unwrap()).await,
+                    "capacity" => plain(capacity::run().await),
+                    "scale" => plain(scale::run().await),
+                    _ => unreachable!(),
+                }
+            })
+            .await;
+            let text = match section {
+                Ok(section) => {
+                    if let Some(wire) = wire {
+                        figures.push((wire, section.figures));
+                    }
+                    section.text
+                }
+                Err(e) => {
+                    if !failed.contains(&name) {
+                        failed.push(name);
+                    }
+                    format!("\n## {name}\n\n**FAILED**: {}\n", panic_text(e))
+                }
+            };
+            // A section's title names its wire when both run.
+            let text = match text.split_once("\n\n") {
+                Some((title, rest)) if !mode.is_empty() => format!("{title}{mode}\n\n{rest}"),
+                _ => text,
+            };
+            let text = format!("{text}\n_{name}{mode}: {:.0} s of wall time._\n", t0.elapsed().as_secs_f64());
+            println!("{text}");
+            out.push_str(&text);
+        }
+    }
+    if wires.len() > 1 {
+        let text = side_by_side(&figures);
         println!("{text}");
         out.push_str(&text);
     }
-    if let Some(env) = env {
+    for env in envs {
         match Arc::try_unwrap(env) {
             Ok(env) => env.stop().await,
-            Err(_) => eprintln!("hitless: the shared directory is still in use; it ends with the process"),
+            Err(_) => eprintln!("hitless: a shared directory is still in use; it ends with the process"),
         }
     }
     (out, failed)
+}
+
+/// Every figure of the plain runs beside the same figure of the secure
+/// runs, and secure ÷ plain.
+fn side_by_side(figures: &[(Wire, Vec<Figure>)]) -> String {
+    let of = |wire: Wire| -> Vec<&Figure> {
+        figures.iter().filter(|(w, _)| *w == wire).flat_map(|(_, f)| f.iter()).collect()
+    };
+    let secure = of(Wire::Secure);
+    let mut out = String::from(
+        "\n## Tokens and TLS beside plain HTTP\n\n\
+         Each figure of sections 1 to 3 from this run, with the shared directory plain (auth off on \
+         loopback, as in the demo) and with tokens and TLS (a private CA, an auth file; the bench \
+         heartbeats with a watson token, sherlock and the naive loop subscribe with a sherlock token, \
+         all over https). Both directories ran side by side; each section ran plain, then secure.\n\n\
+         | figure | plain | tokens + TLS | TLS ÷ plain |\n|---|---|---|---|\n",
+    );
+    let show = |f: &Figure| match f.unit {
+        "" => format!("{}", f.value),
+        unit => format!("{:.1} {unit}", f.value),
+    };
+    for p in of(Wire::Plain) {
+        let Some(s) = secure.iter().find(|s| s.name == p.name) else { continue };
+        let ratio = if p.value == 0.0 && s.value == 0.0 {
+            "= (both 0)".to_string()
+        } else if p.value == 0.0 {
+            "—".to_string()
+        } else {
+            format!("{:.2}", s.value / p.value)
+        };
+        // The leading section number only orders the rows.
+        let name = p.name.split_once(' ').map(|(_, n)| n).unwrap_or(&p.name);
+        out.push_str(&format!("| {name} | {} | {} | {ratio} |\n", show(p), show(s)));
+    }
+    out
 }
 
 /// What a section's panic said.

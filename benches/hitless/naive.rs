@@ -34,12 +34,15 @@ struct NaiveState {
 }
 
 impl Naive {
-    pub fn start(directory: &str, port: u16, run_dir: PathBuf) -> Naive {
+    /// Follows `directory` with `http` (its token and CA, if any; a timeout
+    /// longer than the blocking query's wait).
+    pub fn start(directory: &str, http: reqwest::Client, port: u16, run_dir: PathBuf) -> Naive {
         std::fs::create_dir_all(&run_dir).unwrap();
         let state = Arc::new(NaiveState::default());
         let stop = CancellationToken::new();
         let site = Site { bind: format!("127.0.0.1:{port}"), admin_socket: run_dir.join("admin.sock") };
-        let task = tokio::spawn(naive_loop(directory.to_string(), site, run_dir.clone(), state.clone(), stop.clone()));
+        let task =
+            tokio::spawn(naive_loop(directory.to_string(), http, site, run_dir.clone(), state.clone(), stop.clone()));
         Naive { state, stop, task: Some(task), run_dir }
     }
 
@@ -124,9 +127,15 @@ async fn next_snapshot(
     Ok((epoch, index, snapshot))
 }
 
-async fn naive_loop(directory: String, site: Site, run_dir: PathBuf, state: Arc<NaiveState>, stop: CancellationToken) {
+async fn naive_loop(
+    directory: String,
+    http: reqwest::Client,
+    site: Site,
+    run_dir: PathBuf,
+    state: Arc<NaiveState>,
+    stop: CancellationToken,
+) {
     let fail = |e: String| *state.error.lock().unwrap() = Some(e);
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(35)).build().unwrap();
     let renderer = Renderer::new(None).unwrap();
     let (cfg, pidfile) = (run_dir.join("haproxy.cfg"), run_dir.join("haproxy.pid"));
     let (mut epoch, mut index) = (None, 0);

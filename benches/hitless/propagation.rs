@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::env::{backend, ms, pct, ratio, Delta, Env, Method, POOL};
+use crate::env::{backend, figure, ms, pct, ratio, Delta, Env, Method, Section, POOL};
 
 const SERVICES: usize = 10;
 const CHANGES: usize = 200;
@@ -44,7 +44,7 @@ async fn one(env: &Env, method: Method) -> PropRun {
     PropRun { method, adds, removes, delta, wall }
 }
 
-pub async fn run(env: Arc<Env>) -> String {
+pub async fn run(env: Arc<Env>) -> Section {
     let mut runs = Vec::new();
     for method in [Method::Runtime, Method::Naive, Method::Runtime50, Method::Reload] {
         eprintln!("propagation: {}", method.label());
@@ -101,5 +101,12 @@ pub async fn run(env: Arc<Env>) -> String {
     let walls: Vec<String> =
         runs.iter().map(|r| format!("{} {:.1} s", r.method.prefix(), r.wall.as_secs_f64())).collect();
     let _ = writeln!(out, "\nWall time per method: {}.", walls.join(", "));
-    out
+    let mut figures = Vec::new();
+    for r in &runs {
+        let label = r.method.label();
+        figures.push(figure(format!("1 propagation p50 · {label}"), ms(pct(&r.all(), 50.0)), "ms"));
+        figures.push(figure(format!("1 propagation p99 · {label}"), ms(pct(&r.all(), 99.0)), "ms"));
+        figures.push(figure(format!("1 propagation, reloads · {label}"), r.delta.reloads as f64, ""));
+    }
+    Section { text: out, figures }
 }

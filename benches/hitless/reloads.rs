@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::env::{backend, ms, pct, ratio, snapshots_carrying, Delta, Env, Method, POOL};
+use crate::env::{backend, figure, ms, pct, ratio, snapshots_carrying, Delta, Env, Method, Section, POOL};
 
 const CHANGES: usize = 1_000;
 const SERVICES: usize = 10;
@@ -44,7 +44,7 @@ async fn one(env: &Env, method: Method) -> ReloadRun {
     ReloadRun { method, delta, carried: snapshots_carrying(&written), latencies, wall }
 }
 
-pub async fn run(env: Arc<Env>) -> String {
+pub async fn run(env: Arc<Env>) -> Section {
     let mut runs = Vec::new();
     for method in [Method::Runtime, Method::Naive] {
         eprintln!("reloads: {}", method.label());
@@ -101,5 +101,13 @@ pub async fn run(env: Arc<Env>) -> String {
             ms(pct(&r.latencies, 99.0)),
         );
     }
-    out
+    let mut figures = Vec::new();
+    for r in &runs {
+        let label = r.method.label();
+        figures.push(figure(format!("3 reloads for {CHANGES} changes · {label}"), r.delta.reloads as f64, ""));
+        figures.push(figure(format!("3 per change p50 · {label}"), ms(pct(&r.latencies, 50.0)), "ms"));
+        figures.push(figure(format!("3 per change p99 · {label}"), ms(pct(&r.latencies, 99.0)), "ms"));
+        figures.push(figure(format!("3 wall time of {CHANGES} changes · {label}"), r.wall.as_secs_f64(), "s"));
+    }
+    Section { text: out, figures }
 }

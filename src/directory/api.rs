@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use super::auth::{Action, Caller, Denied, Unauthenticated};
 use super::limits::{check_address, Network};
 use super::{Directory, Full};
-use crate::model::{Heartbeat, InstanceId, InstanceUrl, Snapshot, SnapshotId};
+use crate::model::{ClientName, Heartbeat, InstanceId, InstanceUrl, Snapshot, SnapshotId};
 use crate::prometheus::{Exposition, CONTENT_TYPE};
 use crate::protocol::{ErrorBody, InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck, MAX_WAIT};
 
@@ -40,6 +40,9 @@ const MAX_BODY: usize = 64 * 1024;
 /// read whole to check its signature.
 const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 const MIN_TTL_MS: u64 = 100;
+/// The longest `POST /v1/reconcile` waits for its fetch before answering
+/// 202: git hosts give up on a webhook after about 10 s.
+pub const RECONCILE_WAIT: Duration = Duration::from_secs(8);
 
 /// Every way a request can fail. Internal details are logged, never sent.
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +66,16 @@ pub enum ApiError {
     /// A limit of the directory's is reached (see `limits`).
     #[error("{0}")]
     TooMany(String),
+    /// A heartbeat's `ttl_ms` outside what this directory accepts; the
+    /// answer carries the largest it accepts, so that watson can adapt.
+    #[error("{message}")]
+    Ttl { message: String, max_ttl_ms: u64 },
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Ttl { .. } => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -77,7 +84,11 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
         };
-        let mut resp = (status, Json(ErrorBody { error: self.to_string() })).into_response();
+        let max_ttl_ms = match &self {
+            ApiError::Ttl { max_ttl_ms, .. } => Some(*max_ttl_ms),
+            _ => None,
+        };
+        let mut resp = (status, Json(ErrorBody { error: self.to_string(), max_ttl_ms })).into_response();
         if status == StatusCode::UNAUTHORIZED {
             // RFC 6750: a 401 says which scheme would do.
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
@@ -289,19 +300,26 @@ async fn put_instance(
     JsonBody(heartbeat): JsonBody<Heartbeat>,
 ) -> Result<Json<WriteAck>, ApiError> {
     let max_ttl_ms = directory.config.max_ttl.as_millis() as u64;
-    if !(MIN_TTL_MS..=max_ttl_ms.max(MIN_TTL_MS)).contains(&heartbeat.ttl_ms) {
-        return Err(ApiError::BadRequest(format!(
-            "ttl_ms {} is out of range: this directory accepts {MIN_TTL_MS}..={max_ttl_ms} (its --max-ttl)",
-            heartbeat.ttl_ms
-        )));
+    let max_ttl_ms = max_ttl_ms.max(MIN_TTL_MS);
+    if !(MIN_TTL_MS..=max_ttl_ms).contains(&heartbeat.ttl_ms) {
+        return Err(ApiError::Ttl {
+            message: format!(
+                "ttl_ms {} is out of range: this directory accepts {MIN_TTL_MS}..={max_ttl_ms} (its --max-ttl)",
+                heartbeat.ttl_ms
+            ),
+            max_ttl_ms,
+        });
     }
     caller.check(Action::Register(&heartbeat.service))?;
     if !directory.is_refresh(&id, &heartbeat) {
         check_destination(&directory.config.allow_networks, &heartbeat.url).await?;
     }
     // The id may already be held by an instance of another service.
-    let ack =
+    let mut ack =
         directory.heartbeat_if(id, heartbeat, |held| caller.check(Action::Register(held)).map_err(ApiError::from))?;
+    // Every answer says it, so a watson that adapted also learns when a
+    // restarted directory accepts more again.
+    ack.max_ttl_ms = Some(max_ttl_ms);
     Ok(Json(ack))
 }
 
@@ -353,13 +371,18 @@ async fn get_snapshot(
             .map_err(|e| ApiError::BadRequest(format!("invalid wait {w:?}: {e}; expected a duration such as 30s")))?
             .min(MAX_WAIT),
     };
+    let client = match &query.client {
+        None => None,
+        Some(c) => Some(c.parse::<ClientName>().map_err(|e| ApiError::BadRequest(format!("invalid client: {e}")))?),
+    };
+    let client = caller.sherlock_client(client)?;
     // A sherlock token's own name, whatever the query claims.
     if let Some(name) = caller.sherlock_name(query.sherlock)? {
         let name = name.parse::<InstanceId>().map_err(|_| {
             ApiError::BadRequest(format!("invalid sherlock name {name:?}: 1 to 128 of A-Z a-z 0-9 . _ -"))
         })?;
         let applied = SnapshotId { epoch: query.applied_epoch.unwrap_or(0), index: query.applied.unwrap_or(0) };
-        directory.saw_sherlock(name.to_string(), applied, peer);
+        directory.saw_sherlock(name.to_string(), client, applied, peer);
     }
 
     let held = SnapshotId { epoch: query.epoch, index: query.index };
@@ -405,22 +428,39 @@ fn status(directory: &Directory) -> Status {
     }
 }
 
-/// The webhook: fetch now, answer with the commit in force afterwards.
+/// The webhook: fetch now, answer 200 with the routes state after a fetch
+/// that started once the request came; or 202 with the state and its
+/// `fetching_since` when a fetch has been under way for a while already (a
+/// slow or hung git server; at once, see `reconcile::BUSY_AT_ONCE`) or the
+/// fetch takes over [`RECONCILE_WAIT`]. After a 202 another fetch follows
+/// the one under way, so a push just made is seen; its outcome shows in
+/// `/v1/status`.
 async fn post_reconcile(
     State(directory): State<Arc<Directory>>,
     ReconcileAllowed(caller): ReconcileAllowed,
-) -> Result<Json<RoutesStatus>, ApiError> {
+) -> Result<(StatusCode, Json<RoutesStatus>), ApiError> {
+    use super::reconcile::Reply;
     tracing::debug!(caller = %caller.label(), "reconcile requested");
     let Some(tx) = directory.reconcile_sender() else {
         return Err(ApiError::Conflict("this directory follows no routes repo (start it with --repo)".into()));
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
     let unavailable = || ApiError::Unavailable("the reconciler is shutting down".into());
-    tx.send(Some(reply)).await.map_err(|_| unavailable())?;
-    match tokio::time::timeout(Duration::from_secs(60), answer).await {
-        Ok(Ok(status)) => Ok(Json(status)),
+    // The reconciler takes triggers even while it fetches: this send waits
+    // for no fetch.
+    let queued = tokio::time::timeout(RECONCILE_WAIT, tx.send(Some(reply))).await;
+    let accepted = || (StatusCode::ACCEPTED, Json(directory.routes_status()));
+    match queued {
+        Err(_) => return Ok(accepted()),
+        Ok(Err(_)) => return Err(unavailable()),
+        Ok(Ok(())) => {}
+    }
+    match tokio::time::timeout(RECONCILE_WAIT, answer).await {
+        Ok(Ok(Reply::Done(status))) => Ok((StatusCode::OK, Json(status))),
+        Ok(Ok(Reply::Busy(status))) => Ok((StatusCode::ACCEPTED, Json(status))),
         Ok(Err(_)) => Err(unavailable()),
-        Err(_) => Err(ApiError::Unavailable("the reconcile took over 60s; see /v1/status".into())),
+        // The fetch goes on; a git host's webhook would not wait longer.
+        Err(_) => Ok(accepted()),
     }
 }
 
@@ -617,6 +657,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_heartbeat_answer_and_the_ttl_refusal_carry_the_largest_ttl() {
+        let (app, _) = app_for_test();
+        let (status, ack) = call(&app, "PUT", "/v1/instances/e1", GOOD).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(ack["max_ttl_ms"], 10_000, "{ack}");
+        let (status, _) = call(&app, "DELETE", "/v1/instances/e1", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let long = GOOD.replace("3000", "30000");
+        let (status, json) = call(&app, "PUT", "/v1/instances/e1", &long).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(json["max_ttl_ms"], 10_000, "{json}");
+        assert!(json["error"].as_str().unwrap().contains("accepts 100..=10000 (its --max-ttl)"), "{json}");
+        // Any other refusal has no such field.
+        let (_, json) = call(&app, "PUT", "/v1/instances/e1", "{").await;
+        assert!(json.get("max_ttl_ms").is_none(), "{json}");
+    }
+
+    #[tokio::test]
     async fn metrics_count_heartbeats_publishes_and_refusals() {
         let (app, directory) = app_for_test();
         call(&app, "PUT", "/v1/instances/e1", GOOD).await;
@@ -806,6 +864,59 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(snap["epoch"].as_u64(), Some(epoch));
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_answers_200_after_its_fetch_and_202_while_a_long_one_runs() {
+        use crate::directory::reconcile::Reply;
+        let repo = crate::directory::config::resolve(
+            <crate::directory::config::Args as clap::Parser>::parse_from(["directory", "--repo", "/srv/routes"]),
+            None,
+        )
+        .unwrap()
+        .repo;
+        let config = Config {
+            allow_networks: vec![],
+            limits: Limits::default(),
+            name: "test".into(),
+            address: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: std::env::temp_dir(),
+            repo,
+            max_ttl: Duration::from_secs(10),
+            auth: crate::directory::AuthMode::Off { insecure: false },
+            webhook_secret_file: None,
+            tls: None,
+        };
+        let (directory, triggers) = Directory::new(config, tokio_util::sync::CancellationToken::new());
+        let app = app(directory.clone());
+        // A stand-in reconciler: done once, then busy with a fetch.
+        let mut triggers = triggers.unwrap();
+        tokio::spawn(async move {
+            let mut status = RoutesStatus { commit: Some("abc1234".into()), ..RoutesStatus::default() };
+            let reply = triggers.recv().await.flatten().unwrap();
+            let _ = reply.send(Reply::Done(status.clone()));
+            status.fetching_since = Some("2026-01-01T00:00:00Z".into());
+            let reply = triggers.recv().await.flatten().unwrap();
+            let _ = reply.send(Reply::Busy(status));
+            // A fetch that outlasts the webhook's wait.
+            let _held = triggers.recv().await.flatten().unwrap();
+            tokio::time::sleep(RECONCILE_WAIT + Duration::from_secs(1)).await;
+        });
+        let (status, json) = call(&app, "POST", "/v1/reconcile", "").await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        assert_eq!(json["commit"], "abc1234");
+        assert!(json["fetching_since"].is_null(), "{json}");
+        let (status, json) = call(&app, "POST", "/v1/reconcile", "").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert_eq!(json["fetching_since"], "2026-01-01T00:00:00Z");
+        let started = std::time::Instant::now();
+        let (status, json) = call(&app, "POST", "/v1/reconcile", "").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{json}");
+        assert!(started.elapsed() >= RECONCILE_WAIT, "it waited for the fetch first");
+        // The reconciler is gone (shutdown): 503, not a wait.
+        let (status, _) = call(&app, "POST", "/v1/reconcile", "").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     }
 
     mod with_tokens {

@@ -475,6 +475,22 @@ impl Caller {
         })
     }
 
+    /// The client a sherlock follows: a sherlock token's `client:` when it
+    /// names one (a sherlock that claims another is refused, so a stolen
+    /// token cannot be used to follow and report for another client's
+    /// routes), else the claimed one.
+    pub fn sherlock_client(&self, claimed: Option<ClientName>) -> Result<Option<ClientName>, Denied> {
+        let Caller::Token(entry) = self else { return Ok(claimed) };
+        let (name, Some(own)) = (&entry.name, &entry.client) else { return Ok(claimed) };
+        match claimed {
+            Some(other) if &other != own => Err(Denied(format!(
+                "token {name:?} is for client {own}, not {other}: run this sherlock with --client {own}, \
+                 or give it a token for {other}"
+            ))),
+            _ => Ok(Some(own.clone())),
+        }
+    }
+
     /// How logs name the caller (never by its token).
     pub fn label(&self) -> String {
         match self {

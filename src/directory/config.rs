@@ -21,6 +21,12 @@ const DEFAULT_BRANCH: &str = "main";
 const DEFAULT_ROUTES_DIR: &str = "routes";
 const DEFAULT_POLL: Duration = Duration::from_secs(15);
 const DEFAULT_MAX_TTL: Duration = Duration::from_secs(10);
+/// Ample for a routes repo; a server that takes longer is treated as down.
+const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest a TCP connect to the git server may take, and the longest
+/// it may stay silent on a connection; each at most the fetch timeout.
+const GIT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const GIT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Polling faster than this only loads the git server.
 const MIN_POLL: Duration = Duration::from_millis(100);
 
@@ -57,6 +63,16 @@ pub struct Args {
     /// at once [default: 15s].
     #[arg(long, value_parser = config_file::parse_duration)]
     pub poll: Option<Duration>,
+    /// The longest one fetch of the routes repo may take, connecting
+    /// included; a slower one is given up, reported and retried
+    /// [default: 60s].
+    #[arg(long, value_parser = config_file::parse_duration)]
+    pub fetch_timeout: Option<Duration>,
+    /// Accept a branch moved to a commit that does not descend from the one
+    /// in force (a force-push that rewinds it); without it such a commit is
+    /// rejected.
+    #[arg(long)]
+    pub allow_rewind: bool,
     /// The largest TTL a heartbeat may ask for; a fresh directory marks its
     /// snapshots `warming` for this long [default: 10s].
     #[arg(long, value_parser = config_file::parse_duration)]
@@ -107,6 +123,8 @@ pub struct FileConfig {
     pub branch: Option<String>,
     pub routes_dir: Option<String>,
     pub poll: Option<Seconds>,
+    pub fetch_timeout: Option<Seconds>,
+    pub allow_rewind: Option<bool>,
     pub max_ttl: Option<Seconds>,
     pub auth_file: Option<PathBuf>,
     pub insecure: Option<bool>,
@@ -131,6 +149,15 @@ pub struct RepoConfig {
     pub routes_dir: String,
     /// How often to fetch when nothing else asks.
     pub poll: Duration,
+    /// The bound on one whole fetch.
+    pub fetch_timeout: Duration,
+    /// The bound on a TCP connect to the git server (at most `fetch_timeout`).
+    pub connect_timeout: Duration,
+    /// The longest the git server may stay silent (at most `fetch_timeout`).
+    pub read_timeout: Duration,
+    /// Whether a branch that moves back (not a descendant of the commit in
+    /// force) is accepted.
+    pub allow_rewind: bool,
 }
 
 /// Who must show a token, decided from `--auth-file`, `--insecure` and
@@ -220,11 +247,25 @@ pub fn resolve(args: Args, file: Option<FileConfig>) -> Result<Config, ConfigErr
     }
     let routes_dir = args.routes_dir.or(file.routes_dir).unwrap_or_else(|| DEFAULT_ROUTES_DIR.to_string());
     let routes_dir = check_routes_dir(&routes_dir)?;
+    let fetch_timeout = args.fetch_timeout.or(file.fetch_timeout.map(|s| s.0)).unwrap_or(DEFAULT_FETCH_TIMEOUT);
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&fetch_timeout) {
+        return Err(invalid(format!("--fetch-timeout {}: use 1s to 1h", humantime::format_duration(fetch_timeout))));
+    }
+    let allow_rewind = args.allow_rewind || file.allow_rewind.unwrap_or(false);
     let repo = match args.repo.or(file.repo) {
         Some(url) if url.is_empty() || url.contains(char::is_control) => {
             return Err(invalid(format!("--repo {}: not a git URL or path", RepoUrl::new(&url))));
         }
-        Some(url) => Some(RepoConfig { url: RepoUrl::new(&url), branch, routes_dir, poll }),
+        Some(url) => Some(RepoConfig {
+            url: RepoUrl::new(&url),
+            branch,
+            routes_dir,
+            poll,
+            fetch_timeout,
+            connect_timeout: GIT_CONNECT_TIMEOUT.min(fetch_timeout),
+            read_timeout: GIT_READ_TIMEOUT.min(fetch_timeout),
+            allow_rewind,
+        }),
         None => None,
     };
     let insecure = args.insecure || file.insecure.unwrap_or(false);
@@ -518,6 +559,23 @@ mod tests {
         use clap::Parser as _;
         let err = Args::try_parse_from(["directory", "--allow-network", "10.1.2.3/8"]).unwrap_err().to_string();
         assert!(err.contains("expected an address with a prefix length"), "{err}");
+    }
+
+    #[test]
+    fn fetch_timeout_and_allow_rewind_from_flags_and_the_file() {
+        let repo = |flags: &[&str], yaml: Option<&str>| resolve(args(flags), yaml.map(file)).map(|c| c.repo.unwrap());
+        let r = repo(&["--repo", "/r"], None).unwrap();
+        assert_eq!((r.fetch_timeout, r.allow_rewind), (DEFAULT_FETCH_TIMEOUT, false));
+        assert_eq!((r.connect_timeout, r.read_timeout), (GIT_CONNECT_TIMEOUT, GIT_READ_TIMEOUT));
+        let r = repo(&[], Some("repo: /r\nfetch_timeout: 5s\nallow_rewind: true\n")).unwrap();
+        assert_eq!((r.fetch_timeout, r.allow_rewind), (Duration::from_secs(5), true));
+        assert_eq!((r.connect_timeout, r.read_timeout), (Duration::from_secs(5), Duration::from_secs(5)), "capped");
+        let r = repo(&["--fetch-timeout", "2m", "--allow-rewind"], Some("repo: /r\nfetch_timeout: 5s\n")).unwrap();
+        assert_eq!((r.fetch_timeout, r.allow_rewind), (Duration::from_secs(120), true));
+        for bad in ["500ms", "2h"] {
+            let err = repo(&["--repo", "/r", "--fetch-timeout", bad], None).unwrap_err().to_string();
+            assert!(err.contains(&format!("--fetch-timeout {bad}: use 1s to 1h")), "{err}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{AuthMode, Config, RepoConfig};
 
-use crate::model::{Heartbeat, InstanceId, ServiceName, Snapshot, SnapshotId};
+use crate::model::{ClientName, Heartbeat, InstanceId, ServiceName, Snapshot, SnapshotId};
 use crate::protocol::{InstanceStatus, Rejected, RoutesStatus, SherlockStatus, WriteAck};
 use crate::routes::RouteSet;
 use auth::Auth;
@@ -42,6 +42,8 @@ pub struct Full(pub String);
 /// What the directory knows of a sherlock that follows it.
 #[derive(Debug, Clone)]
 pub struct SherlockSeen {
+    /// The client whose routes it follows, when it said.
+    pub client: Option<ClientName>,
     /// The snapshot it reported as applied.
     pub applied: SnapshotId,
     /// Its address as seen from here.
@@ -84,6 +86,9 @@ struct Inner {
     routes_status: RoutesStatus,
     /// The publisher's deadlines and whether a change waits.
     schedule: Schedule,
+    /// A commit and its history's length; published with the commit in
+    /// force when they match.
+    commit_count: Option<(String, u64)>,
 }
 
 /// One running directory, shared by the HTTP handlers, the publisher and
@@ -148,7 +153,12 @@ impl Directory {
         let routes_status = config
             .repo
             .as_ref()
-            .map(|r| RoutesStatus { repo: r.url.to_string(), branch: r.branch.clone(), ..RoutesStatus::default() })
+            .map(|r| RoutesStatus {
+                repo: r.url.to_string(),
+                branch: r.branch.clone(),
+                stale: Some(reconcile::NOT_FETCHED.to_string()),
+                ..RoutesStatus::default()
+            })
             .unwrap_or_default();
         let schedule =
             Schedule { warming_until: warming.then(|| Instant::now() + config.max_ttl), ..Schedule::default() };
@@ -215,7 +225,7 @@ impl Directory {
     /// next one while a change is pending, else the one served.
     fn ack(&self, inner: &Inner, removed: Option<bool>) -> WriteAck {
         let served = self.snapshots.borrow().index;
-        WriteAck { removed, epoch: self.epoch, index: served + u64::from(inner.schedule.pending) }
+        WriteAck { removed, epoch: self.epoch, index: served + u64::from(inner.schedule.pending), max_ttl_ms: None }
     }
 
     /// Puts a validated routes commit in force.
@@ -228,7 +238,38 @@ impl Directory {
         status.fetched_at = Some(reconcile::now_rfc3339());
         status.rejected = None;
         status.error = None;
+        status.stale = None;
         self.changed(&mut inner);
+    }
+
+    /// Puts back in force, before any fetch, the commit a previous run
+    /// accepted (read from the mirror), and publishes it before anyone
+    /// can ask: `stale` says it has not been fetched since start.
+    pub fn restore_routes(&self, commit: String, summary: String, routes: RouteSet) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.routes = routes;
+        let status = &mut inner.routes_status;
+        status.commit = Some(commit);
+        status.summary = Some(summary);
+        status.stale = Some(format!("{}: serving the commit in force before the restart", reconcile::NOT_FETCHED));
+        self.publish(&mut inner, Instant::now());
+    }
+
+    /// Records that a fetch started (`Some(RFC 3339)`) or ended (None).
+    pub fn fetch_started(&self, since: Option<String>) {
+        self.inner.lock().unwrap().routes_status.fetching_since = since;
+    }
+
+    /// Records how many commits `commit`'s history holds; it reaches the
+    /// snapshots while `commit` is in force.
+    pub fn set_commit_count(&self, commit: &str, count: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        let in_force = inner.routes_status.commit.as_deref() == Some(commit);
+        let published = self.snapshots.borrow().commit_count;
+        inner.commit_count = Some((commit.to_string(), count));
+        if in_force && published != Some(count) {
+            self.changed(&mut inner);
+        }
     }
 
     /// Records a successful fetch that changed nothing in force: the commit
@@ -240,6 +281,7 @@ impl Directory {
         let status = &mut inner.routes_status;
         status.fetched_at = Some(reconcile::now_rfc3339());
         status.error = None;
+        status.stale = None;
         if head_in_force {
             status.rejected = None;
         }
@@ -391,6 +433,11 @@ impl Directory {
             epoch: self.epoch,
             index: current.index + 1,
             commit: inner.routes_status.commit.clone(),
+            commit_count: inner
+                .commit_count
+                .as_ref()
+                .filter(|(commit, _)| inner.routes_status.commit.as_ref() == Some(commit))
+                .map(|(_, count)| *count),
             warming: inner.schedule.warming_until.is_some(),
             services: merged.services,
             clients: merged.clients,
@@ -408,7 +455,7 @@ impl Directory {
     }
 
     /// Records that a sherlock asked for a snapshot, having applied `applied`.
-    pub fn saw_sherlock(&self, name: String, applied: SnapshotId, peer: SocketAddr) {
+    pub fn saw_sherlock(&self, name: String, client: Option<ClientName>, applied: SnapshotId, peer: SocketAddr) {
         let mut inner = self.inner.lock().unwrap();
         // At the limit, the longest silent sherlock is forgotten for a new one.
         if inner.sherlocks.len() >= self.config.limits.sherlocks && !inner.sherlocks.contains_key(&name) {
@@ -417,7 +464,9 @@ impl Directory {
                 inner.sherlocks.remove(&oldest);
             }
         }
-        inner.sherlocks.insert(name, SherlockSeen { applied, peer: peer.to_string(), last_seen: Instant::now() });
+        inner
+            .sherlocks
+            .insert(name, SherlockSeen { client, applied, peer: peer.to_string(), last_seen: Instant::now() });
     }
 
     /// The registry as `dw route list` and the status page show it.
@@ -453,6 +502,7 @@ impl Directory {
             .filter(|(_, s)| s.last_seen.elapsed() < SHERLOCK_FORGET)
             .map(|(name, s)| SherlockStatus {
                 name: name.clone(),
+                client: s.client.as_ref().map(ToString::to_string),
                 applied_epoch: s.applied.epoch,
                 applied: s.applied.index,
                 peer: s.peer.clone(),
@@ -504,8 +554,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let reconciler = match (directory.config.repo.clone(), triggers) {
         (Some(repo), Some(triggers)) => {
             let mirror = directory.config.state_dir.join("routes.git");
-            tracing::info!(repo = %repo.url, branch = %repo.branch, poll = ?repo.poll, "following the routes repo");
-            Some(tokio::spawn(reconcile::run(directory.clone(), repo, mirror, triggers, shutdown.clone())))
+            crate::gitsync::configure_libgit2(repo.connect_timeout, repo.read_timeout)?;
+            let lock = reconcile::warm_start(&directory, &repo, &mirror)?;
+            tracing::info!(repo = %repo.url, branch = %repo.branch, poll = ?repo.poll, fetch_timeout = ?repo.fetch_timeout, "following the routes repo");
+            let run = reconcile::run(directory.clone(), repo, mirror, triggers, shutdown.clone());
+            Some(tokio::spawn(async move {
+                run.await;
+                drop(lock);
+            }))
         }
         _ => None,
     };

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use super::converge;
 use super::workspace::short;
 use super::{output, Context, Failure, Style};
-use crate::protocol::Status;
+use crate::protocol::{RejectKind, Status};
 
 pub async fn run(ctx: &Context, json: bool) -> Result<(), Failure> {
     let status = ctx.client.status().await.map_err(Failure::error)?;
@@ -38,27 +38,37 @@ pub fn render(status: &Status, style: &Style) -> String {
         }
         Some(r) => {
             let _ = writeln!(out, "routes: {} (branch {})", r.repo, r.branch);
+            // A restarted directory serves its mirror's commit until it fetches.
+            let when = match (&r.stale, &r.fetched_at) {
+                (Some(stale), _) => stale.clone(),
+                (None, Some(at)) => format!("fetched {at}"),
+                (None, None) => "fetched ?".to_string(),
+            };
             match &r.commit {
                 Some(c) => {
-                    let _ = writeln!(
-                        out,
-                        "  serving   {}  \"{}\"  fetched {}",
-                        short(c),
-                        r.summary.as_deref().unwrap_or(""),
-                        r.fetched_at.as_deref().unwrap_or("?")
-                    );
+                    let line = format!("  serving   {}  \"{}\"  {when}", short(c), r.summary.as_deref().unwrap_or(""));
+                    let _ =
+                        writeln!(out, "{}", if r.stale.is_some() { style.paint(Style::YELLOW, &line) } else { line });
                 }
                 None => {
-                    let _ = writeln!(out, "  serving   nothing yet");
+                    let _ = writeln!(out, "  serving   nothing yet ({when})");
                 }
             }
+            if let Some(since) = &r.fetching_since {
+                let _ = writeln!(out, "  fetching  since {since}");
+            }
             if let Some(rej) = &r.rejected {
+                let kind = match rej.kind {
+                    RejectKind::Invalid => "invalid routes",
+                    RejectKind::Rewind => "history moved back",
+                    RejectKind::Empty => "removes every route",
+                };
                 let _ = writeln!(
                     out,
                     "{}",
                     style.paint(
                         Style::RED,
-                        &format!("  REJECTED  {}  \"{}\"  at {}", short(&rej.commit), rej.summary, rej.at)
+                        &format!("  REJECTED  {}  \"{}\"  at {} ({kind})", short(&rej.commit), rej.summary, rej.at)
                     )
                 );
                 for e in &rej.errors {
@@ -87,7 +97,7 @@ pub fn render(status: &Status, style: &Style) -> String {
     if status.sherlocks.is_empty() {
         let _ = writeln!(out, "  none subscribed");
     } else {
-        let _ = writeln!(out, "  {:<28} {:>8} {:>5} {:>10}", "NAME", "APPLIED", "LAG", "LAST SEEN");
+        let _ = writeln!(out, "  {:<28} {:<16} {:>8} {:>5} {:>10}", "NAME", "CLIENT", "APPLIED", "LAG", "LAST SEEN");
         let served = status.snapshot_id();
         let mut other_run = false;
         for s in &status.sherlocks {
@@ -95,8 +105,9 @@ pub fn render(status: &Status, style: &Style) -> String {
             let lag = converge::lag(s.applied_id(), served);
             other_run |= lag.is_none();
             let lag_text = lag.map_or("-".to_string(), |n| n.to_string());
-            let line =
-                format!("  {:<28} {:>8} {:>5} {:>9.1}s", s.name, s.applied, lag_text, s.last_seen_ms as f64 / 1000.0);
+            let client = s.client.as_deref().unwrap_or("-");
+            let seen = s.last_seen_ms as f64 / 1000.0;
+            let line = format!("  {:<28} {client:<16} {:>8} {:>5} {seen:>9.1}s", s.name, s.applied, lag_text);
             let _ = writeln!(out, "{}", if lag != Some(0) { style.paint(Style::YELLOW, &line) } else { line });
         }
         if other_run {
@@ -113,4 +124,67 @@ pub fn render(status: &Status, style: &Style) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Rejected, RoutesStatus};
+
+    fn status(routes: RoutesStatus) -> Status {
+        Status {
+            name: "services".into(),
+            address: None,
+            uptime_s: 1,
+            epoch: 1,
+            index: 2,
+            commit: routes.commit.clone(),
+            warming: true,
+            warnings: vec![],
+            instances: vec![],
+            sherlocks: vec![],
+            routes: Some(routes),
+            desired: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_warm_restart_a_fetch_under_way_and_the_kind_of_a_rejection_show() {
+        let routes = RoutesStatus {
+            repo: "/srv/routes".into(),
+            branch: "main".into(),
+            commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            summary: Some("all on v2".into()),
+            stale: Some("not fetched since start: serving the commit in force before the restart".into()),
+            fetching_since: Some("2026-01-01T00:00:00Z".into()),
+            rejected: Some(Rejected {
+                commit: "fedcba9876543210fedcba9876543210fedcba98".into(),
+                summary: "rewound".into(),
+                kind: RejectKind::Rewind,
+                errors: vec!["history moved back: ...".into()],
+                at: "2026-01-01T00:00:01Z".into(),
+            }),
+            ..RoutesStatus::default()
+        };
+        let out = render(&status(routes), &Style { color: false });
+        assert!(
+            out.contains("  serving   0123456789  \"all on v2\"  not fetched since start: serving the commit in force"),
+            "{out}"
+        );
+        assert!(out.contains("  fetching  since 2026-01-01T00:00:00Z\n"), "{out}");
+        assert!(
+            out.contains("  REJECTED  fedcba9876  \"rewound\"  at 2026-01-01T00:00:01Z (history moved back)"),
+            "{out}"
+        );
+        assert!(out.contains("            history moved back: ..."), "{out}");
+
+        let fetched = RoutesStatus {
+            commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+            fetched_at: Some("2026-01-01T00:00:02Z".into()),
+            ..RoutesStatus::default()
+        };
+        let out = render(&status(fetched), &Style { color: false });
+        assert!(out.contains("  serving   0123456789  \"\"  fetched 2026-01-01T00:00:02Z\n"), "{out}");
+        assert!(!out.contains("fetching") && !out.contains("REJECTED"), "{out}");
+    }
 }

@@ -34,7 +34,9 @@ pub struct Args {
     pub service: Option<String>,
     /// The instance's base URL: http://host[:port][/path].
     pub url: Option<String>,
-    /// Seconds (or a duration such as 500ms) between checks; the TTL is 3x this.
+    /// Seconds (or a duration such as 500ms) between checks and heartbeats;
+    /// the TTL is 3x this. A directory whose --max-ttl is shorter gets
+    /// heartbeats often enough to fit it (checks keep this period).
     pub period: Option<String>,
     /// The version this instance runs (routes give versions their weights) [default: v1].
     #[arg(long, id = "instance_version")]
@@ -85,7 +87,8 @@ pub struct ServiceConfig {
     pub version: Version,
     /// What is fetched to decide liveness; 2xx is alive.
     pub check_url: String,
-    /// How often to check and heartbeat; the TTL is three of these.
+    /// How often to check and heartbeat; the TTL is three of these. A
+    /// directory that accepts less is heartbeaten faster (see `watson::Pace`).
     pub period: Duration,
     /// Passing checks in a row that bring a failed instance back.
     pub rise: u32,

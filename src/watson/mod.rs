@@ -140,8 +140,40 @@ async fn check_loop(
     }
 }
 
+/// How often one heartbeat task sends, and the TTL it asks for: watson's
+/// own (its period, and three of them), or, for a directory whose
+/// `--max-ttl` is shorter, that TTL and a third of it. Checks keep their
+/// own period either way. Pure, so it is unit-tested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    pub period: Duration,
+    pub ttl: Duration,
+}
+
+impl Pace {
+    /// The pace the service asks for.
+    pub fn wanted(service: &ServiceConfig) -> Pace {
+        Pace { period: service.period, ttl: service.ttl() }
+    }
+
+    /// `wanted`, or the fastest pace inside `max_ttl`: still three
+    /// heartbeats per TTL, so one lost heartbeat does not expire it.
+    pub fn within(wanted: Pace, max_ttl: Duration) -> Pace {
+        if wanted.ttl <= max_ttl {
+            wanted
+        } else {
+            Pace { period: max_ttl / 3, ttl: max_ttl }
+        }
+    }
+}
+
 /// Heartbeats one instance to one directory while it is healthy, and
 /// deregisters it when it turns unhealthy or watson stops.
+///
+/// The directory says the largest TTL it accepts (in every answer, and in
+/// the refusal of a TTL over it): this task heartbeats at the pace that
+/// fits that directory, so one watson serves directories with different
+/// `--max-ttl`s, each at its own pace.
 async fn heartbeat_loop(
     client: DirectoryClient,
     id: InstanceId,
@@ -149,13 +181,15 @@ async fn heartbeat_loop(
     mut state: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
-    let heartbeat = Heartbeat {
+    let wanted = Pace::wanted(&service);
+    let mut pace = wanted;
+    let mut heartbeat = Heartbeat {
         service: service.name.clone(),
         version: service.version.clone(),
         url: service.url.clone(),
-        ttl_ms: service.ttl().as_millis() as u64,
+        ttl_ms: pace.ttl.as_millis() as u64,
     };
-    let mut backoff = Backoff::new(Duration::from_millis(200), service.period);
+    let mut backoff = Backoff::new(Duration::from_millis(200), pace.period);
     // What the directory was last told: None until the first success.
     let mut told: Option<bool> = None;
     let mut next = tokio::time::Instant::now();
@@ -167,24 +201,42 @@ async fn heartbeat_loop(
         }
         let healthy = *state.borrow_and_update();
         let result = if healthy {
-            client.heartbeat(&id, &heartbeat).await.map(drop)
+            client.heartbeat(&id, &heartbeat).await.map(|ack| ack.max_ttl_ms.map(Duration::from_millis))
         } else if told != Some(false) {
-            client.deregister(&id).await.map(drop)
+            client.deregister(&id).await.map(|_| None)
         } else {
-            next = tokio::time::Instant::now() + service.period;
+            next = tokio::time::Instant::now() + pace.period;
             continue;
         };
+        // The largest TTL this directory accepts, if it said; an older
+        // directory does not, and its refusal is logged as any other.
+        let max_ttl = match &result {
+            Ok(max_ttl) => *max_ttl,
+            Err(e) => e.max_ttl(),
+        };
+        let adapted = max_ttl.map(|max| Pace::within(wanted, max)).filter(|p| *p != pace);
+        if let Some(new) = adapted {
+            log_pace(&id, &client, &service, wanted, new);
+            pace = new;
+            heartbeat.ttl_ms = pace.ttl.as_millis() as u64;
+            backoff = Backoff::new(Duration::from_millis(200), pace.period);
+        }
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 if told != Some(healthy) {
                     tracing::info!(instance = %id, directory = %client.addr, registered = healthy, "directory told");
                 }
                 told = Some(healthy);
                 backoff.reset();
-                next = tokio::time::Instant::now() + service.period;
+                next = tokio::time::Instant::now() + pace.period;
+            }
+            // Refused for its TTL: heartbeat again at once at the new pace.
+            Err(_) if adapted.is_some() => {
+                told = None;
+                next = tokio::time::Instant::now();
             }
             Err(e) => {
-                let delay = if e.is_refusal() { service.period } else { backoff.next_delay() };
+                let delay = if e.is_refusal() { pace.period } else { backoff.next_delay() };
                 tracing::warn!(instance = %id, error = %e, retry_in = ?delay, "heartbeat failed");
                 told = None;
                 next = tokio::time::Instant::now() + delay;
@@ -201,9 +253,49 @@ async fn heartbeat_loop(
     }
 }
 
+/// Says once, when it changes, at which pace one directory is heartbeaten
+/// and why: a shorter pace is a WARN (the operator may want to raise the
+/// directory's `--max-ttl` or lower watson's period), going back an INFO.
+fn log_pace(id: &InstanceId, client: &DirectoryClient, service: &ServiceConfig, wanted: Pace, new: Pace) {
+    let show = |d: Duration| humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string();
+    if new == wanted {
+        tracing::info!(
+            instance = %id,
+            directory = %client.addr,
+            heartbeat_every = %show(new.period),
+            ttl = %show(new.ttl),
+            "the directory accepts this instance's own TTL again; heartbeating at its own period"
+        );
+    } else {
+        tracing::warn!(
+            instance = %id,
+            directory = %client.addr,
+            max_ttl = %show(new.ttl),
+            heartbeat_every = %show(new.period),
+            ttl = %show(new.ttl),
+            wanted_every = %show(wanted.period),
+            wanted_ttl = %show(wanted.ttl),
+            check_every = %show(service.period),
+            "the directory accepts TTLs up to its --max-ttl only, shorter than 3 x this instance's period: \
+             heartbeating to it more often to stay inside it; checks keep their period"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Health;
+    use super::{Health, Pace};
+    use std::time::Duration;
+
+    #[test]
+    fn a_shorter_max_ttl_shortens_the_heartbeat_pace_only() {
+        let s = |n| Duration::from_secs(n);
+        let wanted = Pace { period: s(30), ttl: s(90) };
+        assert_eq!(Pace::within(wanted, s(90)), wanted);
+        assert_eq!(Pace::within(wanted, s(3600)), wanted, "a longer max changes nothing");
+        assert_eq!(Pace::within(wanted, s(10)), Pace { period: s(10) / 3, ttl: s(10) });
+        assert_eq!(Pace::within(wanted, Duration::from_millis(100)).ttl, Duration::from_millis(100));
+    }
 
     #[test]
     fn first_pass_registers_at_once_then_rise_and_fall_apply() {

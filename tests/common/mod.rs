@@ -247,15 +247,16 @@ impl Drop for Instance {
     }
 }
 
-/// A directory and a sherlock (with its HAProxy) on free ports in a temp dir.
-/// With `DSTACK_TEST_SECURE=1` every `Cluster` runs as on a real network:
-/// TLS on the directory, an auth file, and each program with its own token
-/// and the CA (`make test-secure` runs the GitOps tests so).
+/// With `DSTACK_TEST_SECURE=1` the end-to-end tests run as on a real
+/// network: every `Cluster` serves TLS with an auth file and gives each
+/// program its own token and the CA, and the tests that start programs by
+/// hand take theirs from the `Cluster` (`watson_flags`, `dw_in`,
+/// `client_config`, ...). `make test` runs the process tests again so.
 pub fn secure() -> bool {
     std::env::var("DSTACK_TEST_SECURE").is_ok_and(|v| v == "1")
 }
 
-/// A secure cluster's certificates and tokens.
+/// A secure cluster's certificates and tokens. The benchmarks use it too.
 pub struct Security {
     pub pki: Pki,
     pub auth_file: PathBuf,
@@ -263,23 +264,22 @@ pub struct Security {
     pub operator_token: PathBuf,
     /// The token every watson of the cluster uses (role watson, any service).
     pub watson_token: PathBuf,
-    operator_secret: String,
 }
 
 impl Security {
-    fn new(dir: &Path) -> Security {
+    /// A private CA and a server certificate, an auth file, and the
+    /// operator's and the watsons' tokens, all in `dir`.
+    pub fn new(dir: &Path) -> Security {
         let pki = Pki::new(dir, "cluster");
         let auth_file = dir.join("auth.yaml");
         std::fs::write(&auth_file, "tokens:\n").unwrap();
-        let operator_secret = format!("op-{}", free_port());
         let security = Security {
             pki,
             auth_file,
             operator_token: dir.join("operator.token"),
             watson_token: dir.join("watson.token"),
-            operator_secret: operator_secret.clone(),
         };
-        security.add_token(&security.operator_token, &operator_secret, "name: ops\n    role: operator");
+        security.add_token(&security.operator_token, &format!("op-{}", free_port()), "name: ops\n    role: operator");
         security.add_token(
             &security.watson_token,
             &format!("w-{}", free_port()),
@@ -288,8 +288,9 @@ impl Security {
         security
     }
 
-    /// Writes a token file (0600) and its entry in the auth file.
-    fn add_token(&self, file: &Path, secret: &str, entry: &str) {
+    /// Writes a token file (0600) and its entry in the auth file; a running
+    /// directory reads it on SIGHUP.
+    pub fn add_token(&self, file: &Path, secret: &str, entry: &str) {
         use sha2::Digest as _;
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::write(file, secret).unwrap();
@@ -299,8 +300,37 @@ impl Security {
         text.push_str(&format!("  - {entry}\n    sha256: {digest}\n"));
         std::fs::write(&self.auth_file, text).unwrap();
     }
+
+    /// The directory's flags: its certificate and key, and the auth file.
+    pub fn directory_args(&self) -> Vec<String> {
+        let mut args = self.pki.server_args();
+        args.extend(["--auth-file".into(), path_arg(&self.auth_file)]);
+        args
+    }
+
+    /// `--token-file TOKEN --ca-file CA`: a client's flags.
+    pub fn client_args(&self, token: &Path) -> Vec<String> {
+        vec!["--token-file".into(), path_arg(token), "--ca-file".into(), path_arg(&self.pki.ca)]
+    }
+
+    /// The same as the keys of a client's config file (watson.yaml,
+    /// sherlock.yaml, dw.yaml), one a line.
+    pub fn client_config(&self, token: &Path) -> String {
+        format!("token_file: {}\nca_file: {}\n", token.display(), self.pki.ca.display())
+    }
+
+    /// An HTTP client that trusts the CA and sends `token` with every request.
+    pub fn http(&self, token: &Path) -> reqwest::ClientBuilder {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&self.pki.ca).unwrap()).unwrap();
+        let secret = std::fs::read_to_string(token).unwrap();
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", secret.trim()).parse().unwrap());
+        reqwest::Client::builder().add_root_certificate(ca).default_headers(headers)
+    }
 }
 
+/// A directory and a sherlock (with its HAProxy) on free ports in a temp
+/// dir; secure as [`secure`] says.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// Set in secure mode (see [`secure`]).
@@ -323,6 +353,16 @@ impl Cluster {
     }
 
     pub async fn start_with(directory_args: &[&str]) -> Cluster {
+        let mut cluster = Self::directory_alone(directory_args).await;
+        let (port, sherlock) = cluster.start_sherlock(&[]).await;
+        cluster.sherlock_port = port;
+        cluster.sherlock = Some(sherlock);
+        cluster
+    }
+
+    /// A directory (max ttl 3s) and no sherlock (`sherlock_port` is 0), for
+    /// tests that stop at the directory: `dw`'s git, a lone directory.
+    pub async fn directory_alone(directory_args: &[&str]) -> Cluster {
         let dir = tempfile::Builder::new().prefix("dstack-test").tempdir().unwrap();
         let directory_port = free_port();
         let listen = format!("127.0.0.1:{directory_port}");
@@ -332,12 +372,7 @@ impl Cluster {
         let mut args: Vec<String> =
             ["--listen", &listen, "--max-ttl", "3s", "--state-dir", &state_dir].iter().map(|a| a.to_string()).collect();
         if let Some(s) = &security {
-            for (flag, path) in
-                [("--tls-cert", &s.pki.server_cert), ("--tls-key", &s.pki.server_key), ("--auth-file", &s.auth_file)]
-            {
-                args.push(flag.to_string());
-                args.push(path.to_str().unwrap().to_string());
-            }
+            args.extend(s.directory_args());
         }
         args.extend(directory_args.iter().map(|a| a.to_string()));
         let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -345,16 +380,12 @@ impl Cluster {
         let directory_args = args;
         // A new connection per request, as curl makes: after a reload, a
         // pooled connection may still reach the old worker for one request.
-        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(0);
-        if let Some(s) = &security {
-            let ca = reqwest::Certificate::from_pem(&std::fs::read(&s.pki.ca).unwrap()).unwrap();
-            let mut headers = reqwest::header::HeaderMap::new();
-            let bearer = format!("Bearer {}", s.operator_secret);
-            headers.insert(reqwest::header::AUTHORIZATION, bearer.parse().unwrap());
-            builder = builder.add_root_certificate(ca).default_headers(headers);
-        }
-        let http = builder.build().unwrap();
-        let mut cluster = Cluster {
+        let builder = match &security {
+            Some(s) => s.http(&s.operator_token),
+            None => reqwest::Client::builder(),
+        };
+        let http = builder.timeout(Duration::from_secs(10)).pool_max_idle_per_host(0).build().unwrap();
+        let cluster = Cluster {
             dir,
             security,
             directory_port,
@@ -366,29 +397,110 @@ impl Cluster {
             admin_ports: Mutex::new(HashMap::new()),
         };
         cluster.wait_for_directory().await;
-        let (port, sherlock) = cluster.start_sherlock(&[]).await;
-        cluster.sherlock_port = port;
-        cluster.sherlock = Some(sherlock);
         cluster
     }
 
     pub fn directory_url(&self) -> String {
-        let scheme = if self.security.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.directory_port)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.directory_port)
+    }
+
+    /// `https` in secure mode, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.security.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The flags a client of this cluster's directory needs: its token and
     /// the CA, in secure mode; none otherwise.
     pub fn client_flags(&self, token: &Path) -> Vec<String> {
-        match &self.security {
-            Some(s) => vec![
-                "--token-file".into(),
-                token.to_str().unwrap().into(),
-                "--ca-file".into(),
-                s.pki.ca.to_str().unwrap().into(),
-            ],
-            None => Vec::new(),
+        self.security.as_ref().map(|s| s.client_args(token)).unwrap_or_default()
+    }
+
+    /// A watson's flags (the cluster's watson token and the CA); none when plain.
+    pub fn watson_flags(&self) -> Vec<String> {
+        self.security.as_ref().map(|s| s.client_args(&s.watson_token)).unwrap_or_default()
+    }
+
+    /// An operator's flags, for `dw` (the operator token and the CA); none when plain.
+    pub fn operator_flags(&self) -> Vec<String> {
+        self.security.as_ref().map(|s| s.client_args(&s.operator_token)).unwrap_or_default()
+    }
+
+    /// The lines a client's config file needs for `token` (`token_file:`,
+    /// `ca_file:`) in secure mode; empty otherwise.
+    pub fn client_config(&self, token: &Path) -> String {
+        self.security.as_ref().map(|s| s.client_config(token)).unwrap_or_default()
+    }
+
+    /// The watsons' token file (which exists only in secure mode).
+    pub fn watson_token(&self) -> PathBuf {
+        self.security.as_ref().map(|s| s.watson_token.clone()).unwrap_or_default()
+    }
+
+    /// The operator's token file (which exists only in secure mode).
+    pub fn operator_token(&self) -> PathBuf {
+        self.security.as_ref().map(|s| s.operator_token.clone()).unwrap_or_default()
+    }
+
+    /// An HTTP client that talks to the directory with `token` (and the CA)
+    /// in secure mode; a plain one otherwise.
+    pub fn http_as(&self, token: &Path) -> reqwest::Client {
+        let builder = match &self.security {
+            Some(s) => s.http(token),
+            None => reqwest::Client::builder(),
+        };
+        builder.timeout(Duration::from_secs(10)).build().unwrap()
+    }
+
+    /// A sherlock's token file, named `name` in the auth file (so `name` is
+    /// the sherlock's name in status). In secure mode it is made once, and
+    /// the running directory told with SIGHUP and waited for; a restarted
+    /// sherlock of the same name reuses it.
+    pub async fn sherlock_token(&self, name: &str) -> PathBuf {
+        let token = self.dir.path().join(format!("{name}.token"));
+        let Some(s) = &self.security else { return token };
+        if token.exists() {
+            return token;
         }
+        s.add_token(&token, &format!("s-{name}-{}", free_port()), &format!("name: {name}\n    role: sherlock"));
+        // A killed directory reads the file when it starts again.
+        if self.directory.child.is_some() {
+            self.directory.signal(libc::SIGHUP);
+            let url = format!("{}/v1/snapshot", self.directory_url());
+            let secret = std::fs::read_to_string(&token).unwrap();
+            let http = self.http.clone();
+            eventually(Duration::from_secs(10), "the directory to take the sherlock's token", async || {
+                let resp = http.get(&url).bearer_auth(&secret).send().await.ok()?;
+                resp.status().is_success().then_some(())
+            })
+            .await;
+        }
+        token
+    }
+
+    /// The name of the sherlock started on `port` (its name in status).
+    pub fn sherlock_name(port: u16) -> String {
+        format!("test-{port}")
+    }
+
+    /// Another directory on a free port with this cluster's certificate and
+    /// auth file; its URL. It reads the auth file at start only: start it
+    /// after the sherlocks that will follow it (their tokens must be in it).
+    pub fn another_directory(&self, name: &str) -> (String, Proc) {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let state = self.dir.path().join(format!("{name}-state")).to_str().unwrap().to_string();
+        let mut args: Vec<String> =
+            ["--listen", &listen, "--max-ttl", "3s", "--state-dir", &state].iter().map(|a| a.to_string()).collect();
+        if let Some(s) = &self.security {
+            args.extend(s.directory_args());
+        }
+        let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = Proc::start(self.dir.path(), "directory", &arg_refs);
+        (format!("{}://{listen}", self.scheme()), proc)
     }
 
     pub async fn wait_for_directory(&self) {
@@ -452,24 +564,12 @@ impl Cluster {
         let admin = format!("127.0.0.1:{admin_port}");
         let directory = self.directory_url();
         let run = run_dir.to_str().unwrap().to_string();
-        let name = format!("test-{port}");
+        let name = Self::sherlock_name(port);
         let mut args =
             vec!["-d", &directory, "--listen", &listen, "--run-dir", &run, "--name", &name, "--admin", &admin];
         args.extend_from_slice(extra);
-        let token = self.dir.path().join(format!("{name}.token"));
-        if let Some(s) = &self.security {
-            // Its own token, named as it, added while the directory runs.
-            s.add_token(&token, &format!("s-{port}-{}", free_port()), &format!("name: {name}\n    role: sherlock"));
-            self.directory.signal(libc::SIGHUP);
-            let url = format!("{}/v1/snapshot", self.directory_url());
-            let secret = std::fs::read_to_string(&token).unwrap();
-            let http = self.http.clone();
-            eventually(Duration::from_secs(10), "the directory to take the sherlock's token", async || {
-                let resp = http.get(&url).bearer_auth(&secret).send().await.ok()?;
-                resp.status().is_success().then_some(())
-            })
-            .await;
-        }
+        // Its own token, named as it.
+        let token = self.sherlock_token(&name).await;
         let flags = self.client_flags(&token);
         args.extend(flags.iter().map(String::as_str));
         let proc = Proc::start(self.dir.path(), "sherlock", &args);
@@ -486,7 +586,7 @@ impl Cluster {
         let directory = self.directory_url();
         let mut args = vec!["-d", directory.as_str(), service, url, "1"];
         args.extend_from_slice(extra);
-        let flags = self.security.as_ref().map(|s| self.client_flags(&s.watson_token)).unwrap_or_default();
+        let flags = self.watson_flags();
         args.extend(flags.iter().map(String::as_str));
         Proc::start(self.dir.path(), "watson", &args)
     }
@@ -571,12 +671,21 @@ impl Cluster {
 
     /// Runs dw against this directory; (exit code, stdout, stderr).
     pub fn dw(&self, args: &[&str]) -> (i32, String, String) {
+        self.dw_at(None, args)
+    }
+
+    /// Runs dw in `cwd` (a routes clone) against this directory, as its operator.
+    pub fn dw_in(&self, cwd: &Path, args: &[&str]) -> (i32, String, String) {
+        self.dw_at(Some(cwd), args)
+    }
+
+    fn dw_at(&self, cwd: Option<&Path>, args: &[&str]) -> (i32, String, String) {
         let directory = self.directory_url();
         let mut all = vec!["-d", directory.as_str()];
-        let flags = self.security.as_ref().map(|s| self.client_flags(&s.operator_token)).unwrap_or_default();
+        let flags = self.operator_flags();
         all.extend(flags.iter().map(String::as_str));
         all.extend_from_slice(args);
-        run_dw(&all, None)
+        run_dw(&all, cwd)
     }
 }
 

@@ -101,8 +101,9 @@ struct Grammar {
 }
 
 /// The golden file's lines that carry values: matched by hand below.
-const VALUE_LINES: [&str; 7] = [
+const VALUE_LINES: [&str; 8] = [
     "# Rendered by",
+    "    http-check send ",
     "    stats socket ",
     "    bind ",
     "    use_backend ",
@@ -190,7 +191,13 @@ impl Grammar {
             let Some((name, path)) = rest.split_once("(/.*)?$ ") else { return false };
             return is_service(name) && path.strip_suffix("\\1").is_some_and(is_path);
         }
+        if let Some(uri) = line.strip_prefix("    http-check send meth GET uri ") {
+            // The instance path, or none, then the liveness path.
+            return uri.strip_suffix("/liveness_check").is_some_and(|path| path.is_empty() || is_path(path));
+        }
         if let Some(rest) = line.strip_prefix("    server ") {
+            let checks = "check inter 2s fastinter 500ms fall 2 rise 2 on-marked-down shutdown-sessions";
+            let Some(rest) = rest.strip_suffix(checks).and_then(|r| r.strip_suffix(' ')) else { return false };
             let words: Vec<&str> = rest.split(' ').collect();
             return matches!(words.as_slice(), [id, address, "weight", w]
                 if is_label(id, 128) && is_address(address) && is_number(w, 256));

@@ -5,8 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use dstack::sherlock::config::{self, Args};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = match config::load(Args::parse()) {
         Ok(config) => config,
         Err(e) => {
@@ -14,13 +13,24 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    dstack::init_tracing();
-    match dstack::sherlock::run(config, dstack::shutdown_on_signals()).await {
-        Ok(()) => ExitCode::SUCCESS,
+    // Before any thread: as a container's PID 1 it forks a reaper first.
+    dstack::sherlock::pid1::fork_if_pid1();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("sherlock: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("sherlock: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    runtime.block_on(async {
+        dstack::init_tracing();
+        match dstack::sherlock::run(config, dstack::shutdown_on_signals()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                eprintln!("sherlock: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }

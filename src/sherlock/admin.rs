@@ -26,6 +26,17 @@ pub struct Metrics {
     pub unchanged: AtomicU64,
     pub failed_applies: AtomicU64,
     pub applied_index: AtomicU64,
+    /// 1 while HAProxy runs, 0 while sherlock is restarting it.
+    pub haproxy_up: AtomicU64,
+    /// Unexpected exits of HAProxy's master (a crash, a SIGKILL).
+    pub haproxy_exits: AtomicU64,
+    /// Successful starts after such an exit.
+    pub haproxy_restarts: AtomicU64,
+    /// Starts that failed (each is retried with backoff).
+    pub haproxy_failed_starts: AtomicU64,
+    /// Files sherlock could not write (haproxy.cfg, snapshot.json): a full
+    /// disk or a read-only run dir.
+    pub failed_writes: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
     /// Sum of latencies in microseconds.
@@ -67,6 +78,31 @@ impl Metrics {
         out.counter("dstack_sherlock_unchanged_total", "Snapshots that changed nothing.", get(&self.unchanged));
         out.counter("dstack_sherlock_failed_applies_total", "Snapshots not applied.", get(&self.failed_applies));
         out.gauge("dstack_sherlock_applied_index", "Index of the snapshot applied.", get(&self.applied_index));
+        out.gauge(
+            "dstack_sherlock_haproxy_up",
+            "1 while HAProxy runs, 0 while it is being restarted.",
+            get(&self.haproxy_up),
+        );
+        out.counter(
+            "dstack_sherlock_haproxy_exits_total",
+            "Unexpected exits of HAProxy's master.",
+            get(&self.haproxy_exits),
+        );
+        out.counter(
+            "dstack_sherlock_haproxy_restarts_total",
+            "HAProxy started again after an exit.",
+            get(&self.haproxy_restarts),
+        );
+        out.counter(
+            "dstack_sherlock_haproxy_failed_starts_total",
+            "HAProxy starts that failed (retried with backoff).",
+            get(&self.haproxy_failed_starts),
+        );
+        out.counter(
+            "dstack_sherlock_failed_writes_total",
+            "Files not written (disk full, read-only run dir); the running config stays.",
+            get(&self.failed_writes),
+        );
         let buckets: Vec<(f64, u64)> = BUCKETS.iter().zip(&self.latency_buckets).map(|(b, n)| (*b, get(n))).collect();
         out.histogram(
             "dstack_sherlock_apply_seconds",
@@ -95,6 +131,9 @@ pub struct Status {
     /// Servers being drained before their removal.
     pub draining: usize,
     pub haproxy_running: bool,
+    /// Why HAProxy is not running (its exit, the last failed start); None
+    /// while it runs.
+    pub haproxy_error: Option<String>,
     pub last_error: Option<String>,
 }
 

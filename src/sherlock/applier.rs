@@ -69,11 +69,61 @@ pub fn keep_backends(previous: &Snapshot, next: &Snapshot) -> Snapshot {
     merged
 }
 
-/// Writes a file so that readers see the old or the new content, never half.
-pub fn write_atomic(path: &Path, content: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content)?;
-    std::fs::rename(&tmp, path)
+/// A file sherlock could not write: the disk is full, the run dir is
+/// read-only. The running config stays; the next pass tries again.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {path}: {source}")]
+pub struct WriteError {
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Writes `content` to `path` and syncs it to disk before returning.
+fn write_synced(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(content.as_bytes())?;
+    file.sync_all()
+}
+
+/// Makes a rename (or a new name) in `dir` survive a power loss.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Renames `from` over `to` durably: the directory is synced after.
+pub fn rename_durably(from: &Path, to: &Path) -> Result<(), WriteError> {
+    let result = std::fs::rename(from, to).and_then(|()| sync_dir(to.parent().unwrap_or(Path::new("."))));
+    result.map_err(|source| WriteError { path: to.to_path_buf(), source })
+}
+
+/// Writes a file so that readers, and a machine that loses power, see the
+/// old or the new content, never half: a temp file beside it, synced, then
+/// renamed over it, then the directory synced. On failure the temp file is
+/// removed and the old file is as it was.
+pub fn write_atomic(path: &Path, content: &str) -> Result<(), WriteError> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    if let Err(source) = write_synced(&tmp, content) {
+        // A partial temp file would hold the space a full disk lacks.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(WriteError { path: path.to_path_buf(), source });
+    }
+    rename_durably(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// Writes a candidate config (synced) for `haproxy -c`; it is renamed into
+/// place only once checked.
+pub fn write_candidate(path: &Path, content: &str) -> Result<(), WriteError> {
+    write_synced(path, content).map_err(|source| {
+        let _ = std::fs::remove_file(path);
+        WriteError { path: path.to_path_buf(), source }
+    })
 }
 
 /// A server being drained: it takes no new requests and is deleted once
@@ -113,6 +163,9 @@ pub struct Applier {
     /// The error policy: a failed apply is retried with backoff until it
     /// succeeds or a newer snapshot replaces it.
     retries: Backoff,
+    /// True when snapshot.json holds `applied`; false after a failed save,
+    /// so the next pass saves it even if nothing else changed.
+    saved: bool,
 }
 
 /// True when a Runtime API answer reports success. A command that succeeds
@@ -149,6 +202,7 @@ impl Applier {
             shared,
             quiescence: Quiescence::new(coalesce, Duration::from_secs(1)),
             retries: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            saved: true,
         }
     }
 
@@ -171,6 +225,9 @@ impl Applier {
             }
             Err(e) => {
                 self.metrics().failed_applies.fetch_add(1, Ordering::Relaxed);
+                if e.chain().any(|c| c.is::<WriteError>()) {
+                    self.metrics().failed_writes.fetch_add(1, Ordering::Relaxed);
+                }
                 let e = format!("{e:#}");
                 let delay = self.retries.next_delay();
                 tracing::error!(index = next.index, error = %e, retry_in = ?delay, "snapshot not applied; the running config stays");
@@ -220,9 +277,13 @@ impl Applier {
                 self.metrics().unchanged.fetch_add(1, Ordering::Relaxed);
                 false
             }
+            // Nothing to change while it is down: its restart applies this.
+            Some(_) if !self.haproxy.is_running() => {
+                anyhow::bail!("haproxy is not running; the change waits for its restart")
+            }
             Some(diff) => {
                 tracing::info!("haproxy.cfg changes:\n{diff}");
-                if !self.apply_at_runtime(&candidate).await {
+                if !self.apply_at_runtime(&candidate).await? {
                     self.reload(&candidate).await?;
                 }
                 true
@@ -242,33 +303,39 @@ impl Applier {
             status.last_error = None;
         }
         // The saved snapshot only has to render what runs: an unchanged
-        // config needs no new copy on disk.
-        if !changed {
-            return Ok(());
+        // config needs no new copy on disk, unless the last save failed.
+        if changed {
+            self.saved = false;
         }
-        if let Ok(json) = serde_json::to_string(&self.applied) {
-            if let Err(e) = write_atomic(&self.snapshot_file(), &json) {
-                tracing::warn!(error = %e, "could not save the snapshot for a fast restart");
-            }
+        if !self.saved {
+            let json = serde_json::to_string(&self.applied).context("encoding the snapshot to save")?;
+            write_atomic(&self.snapshot_file(), &json).context(
+                "saving the applied snapshot (HAProxy runs it; a restarted sherlock would serve an older one)",
+            )?;
+            self.saved = true;
         }
         Ok(())
     }
 
     /// Applies a server-only change through the Runtime API; false when a
     /// reload is needed instead (or the runtime change failed part-way: the
-    /// reload then puts everything right).
-    async fn apply_at_runtime(&mut self, candidate: &str) -> bool {
+    /// reload then puts everything right); an error when haproxy.cfg could
+    /// not be written, and nothing was changed.
+    async fn apply_at_runtime(&mut self, candidate: &str) -> Result<bool, WriteError> {
         if self.mode != ApplyMode::Runtime || !self.haproxy.is_running() {
-            return false;
+            return Ok(false);
         }
         let lines: BTreeMap<(String, String), runtime::ServerLine> =
             self.draining.iter().map(|(k, d)| (k.clone(), d.line.clone())).collect();
         let shape = runtime::Shape::of(candidate);
-        let Some(ops) = runtime::plan(&self.running_shape, &shape, &lines) else { return false };
+        let Some(ops) = runtime::plan(&self.running_shape, &shape, &lines) else { return Ok(false) };
         let commands: Vec<String> = ops.iter().flat_map(runtime::Op::commands).collect();
+        // The file first, so a later reload or restart reproduces what runs:
+        // if it cannot be written, HAProxy is left as it is.
+        write_atomic(&self.haproxy.paths.config, candidate)?;
         if let Err(e) = self.runtime(&commands).await {
             tracing::warn!(error = format!("{e:#}"), "runtime change failed; reloading instead");
-            return false;
+            return Ok(false);
         }
         let old = &self.running_shape.servers;
         for op in &ops {
@@ -287,27 +354,26 @@ impl Applier {
                 _ => {}
             }
         }
-        // The file matches what runs, so a later reload reproduces it.
-        if let Err(e) = write_atomic(&self.haproxy.paths.config, candidate) {
-            tracing::warn!(error = %e, "could not write haproxy.cfg after a runtime change");
-        }
         self.running = candidate.to_string();
         self.running_shape = shape;
         self.metrics().runtime_applies.fetch_add(1, Ordering::Relaxed);
         tracing::info!(commands = commands.len(), "applied through the runtime api, no reload");
-        true
+        Ok(true)
     }
 
     /// Checks the candidate, puts it in place and reloads seamlessly.
     async fn reload(&mut self, candidate: &str) -> anyhow::Result<()> {
         let paths = self.haproxy.paths.clone();
-        std::fs::write(&paths.candidate, candidate).context("writing the candidate config")?;
+        write_candidate(&paths.candidate, candidate)?;
         self.haproxy.check(&paths.candidate).await?;
-        std::fs::rename(&paths.candidate, &paths.config).context("moving the candidate into place")?;
+        rename_durably(&paths.candidate, &paths.config)?;
         if let Err(e) = self.haproxy.reload().await {
             self.metrics().failed_reloads.fetch_add(1, Ordering::Relaxed);
             // Put back the file that matches the worker still serving.
-            write_atomic(&paths.config, &self.running).ok();
+            if let Err(w) = write_atomic(&paths.config, &self.running) {
+                self.metrics().failed_writes.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %w, "could not put back haproxy.cfg after a failed reload; a restart of HAProxy would run the refused candidate");
+            }
             return Err(e.into());
         }
         self.metrics().reloads.fetch_add(1, Ordering::Relaxed);
@@ -406,6 +472,7 @@ impl Applier {
         self.running = config;
         self.applied = applied;
         self.draining.clear();
+        self.metrics().haproxy_up.store(1, Ordering::Relaxed);
         self.shared.status.lock().unwrap().haproxy_running = true;
         Ok(())
     }
@@ -418,20 +485,42 @@ impl Applier {
         Ok(config)
     }
 
+    /// HAProxy's master exited on its own (`status`): say so until a
+    /// restart succeeds.
+    pub fn haproxy_exited(&mut self, status: &str) {
+        self.metrics().haproxy_exits.fetch_add(1, Ordering::Relaxed);
+        self.metrics().haproxy_up.store(0, Ordering::Relaxed);
+        let mut s = self.shared.status.lock().unwrap();
+        s.haproxy_running = false;
+        s.haproxy_error = Some(format!("haproxy exited ({status}); restarting it"));
+    }
+
     /// Restarts a dead HAProxy on the config in place (which always matches
-    /// what ran); the HAProxy module keeps the backoff.
-    pub async fn restart_haproxy(&mut self) {
-        self.shared.status.lock().unwrap().haproxy_running = false;
+    /// what ran); the HAProxy module keeps the backoff. True when it runs
+    /// again.
+    pub async fn restart_haproxy(&mut self) -> bool {
         match self.haproxy.restart().await {
             Ok(()) => {
                 // A fresh worker holds exactly the file's servers.
                 self.draining.clear();
-                self.shared.status.lock().unwrap().haproxy_running = true;
+                self.metrics().haproxy_restarts.fetch_add(1, Ordering::Relaxed);
+                self.metrics().haproxy_up.store(1, Ordering::Relaxed);
+                let mut s = self.shared.status.lock().unwrap();
+                s.haproxy_running = true;
+                s.haproxy_error = None;
+                s.draining = 0;
+                tracing::info!("haproxy restarted");
+                true
             }
             Err(e) => {
-                let e = format!("{e:#}");
-                tracing::error!(error = %e, "could not restart haproxy; retrying with backoff");
-                self.shared.status.lock().unwrap().last_error = Some(e);
+                let e = format!("could not restart haproxy: {e:#}");
+                tracing::error!(error = %e, "retrying with backoff");
+                self.metrics().haproxy_failed_starts.fetch_add(1, Ordering::Relaxed);
+                let mut s = self.shared.status.lock().unwrap();
+                s.haproxy_running = false;
+                s.haproxy_error = Some(e.clone());
+                s.last_error = Some(e);
+                false
             }
         }
     }
@@ -455,6 +544,21 @@ mod tests {
         let mut s = Snapshot { index, warming, ..Snapshot::default() };
         s.services.insert("emitter".parse().unwrap(), ServiceBackends { backends });
         s
+    }
+
+    #[test]
+    fn an_atomic_write_replaces_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("haproxy.cfg");
+        write_atomic(&path, "old\n").unwrap();
+        write_atomic(&path, "new\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new\n");
+        // A temp file that cannot be written (here: a directory in its
+        // place, which fails for root too) leaves the file as it was.
+        std::fs::create_dir(dir.path().join("haproxy.cfg.tmp")).unwrap();
+        let err = write_atomic(&path, "newer\n").unwrap_err();
+        assert!(err.to_string().starts_with(&format!("cannot write {}: ", path.display())), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new\n");
     }
 
     #[test]

@@ -40,6 +40,9 @@ pub enum HaproxyError {
     },
 }
 
+/// How long a starting master has to show a worker.
+const READY_LIMIT: Duration = Duration::from_secs(10);
+
 /// The files of one sherlock's HAProxy, all in its run dir.
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -112,7 +115,10 @@ pub fn parse_show_proc(text: &str) -> Option<ProcState> {
 
 impl Haproxy {
     pub fn new(binary: PathBuf, paths: Paths) -> Haproxy {
-        let restarts = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        // The first restart comes within 100 ms, so a killed master's port
+        // is served again within a second; a master that keeps failing is
+        // tried every 10 s at most, for good.
+        let restarts = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         Haproxy { binary, paths, child: None, restarts, restart_at: None }
     }
 
@@ -138,7 +144,17 @@ impl Haproxy {
     }
 
     /// Starts the master with the config in place and waits for a worker.
+    /// On any failure nothing is left running: a master that started but
+    /// never became ready is stopped, so a later start begins clean.
     pub async fn start(&mut self) -> Result<(), HaproxyError> {
+        let result = self.spawn_and_wait().await;
+        if result.is_err() {
+            self.stop_child().await;
+        }
+        result
+    }
+
+    async fn spawn_and_wait(&mut self) -> Result<(), HaproxyError> {
         let _ = std::fs::remove_file(&self.paths.master_socket);
         let mut cmd = Command::new(&self.binary);
         cmd.arg("-W")
@@ -150,17 +166,24 @@ impl Haproxy {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        // Read before the fork: after it, a parent that has died shows as
+        // another pid (init, a subreaper), never as this one.
+        let parent = std::process::id() as libc::pid_t;
         // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
-        // between fork and exec.
+        // between fork and exec, and the error is built without allocating.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // If sherlock dies, even by SIGKILL, its HAProxy goes too:
                 // no orphan ever holds the port.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if libc::getppid() == 1 {
-                    return Err(std::io::Error::other("sherlock exited while starting haproxy"));
+                // Sherlock died before the prctl took effect. Not `== 1`:
+                // as a container's PID 1 sherlock *is* pid 1 (ARCHITECTURE.md,
+                // "sherlock as PID 1"), and an error with no errno would
+                // reach the caller as EINVAL.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
@@ -171,7 +194,7 @@ impl Haproxy {
         tracing::info!(pid = child.id(), config = %self.paths.config.display(), "haproxy started");
         self.child = Some(child);
 
-        let limit = Duration::from_secs(10);
+        let limit = READY_LIMIT;
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -236,28 +259,39 @@ impl Haproxy {
     /// Resolves when a restart is due: the master has exited (then after
     /// a backoff delay), or an earlier restart failed and its delay has
     /// passed. Never resolves while HAProxy runs or after [`Haproxy::stop`].
-    pub async fn restart_due(&mut self) {
+    /// Returns how the master ended when it has just exited.
+    pub async fn restart_due(&mut self) -> Option<String> {
+        let mut exited = None;
         if let Some(child) = self.child.as_mut() {
             let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
             self.child = None;
             let delay = self.restarts.next_delay();
             tracing::error!(%status, restart_in = ?delay, "haproxy exited unexpectedly");
             self.restart_at = Some(tokio::time::Instant::now() + delay);
+            exited = Some(status);
         }
         match self.restart_at {
-            Some(at) => tokio::time::sleep_until(at).await,
+            // Its exit is reported at once; the restart is due later.
+            Some(_) if exited.is_some() => exited,
+            Some(at) => {
+                tokio::time::sleep_until(at).await;
+                None
+            }
             None => std::future::pending().await,
         }
     }
 
-    /// Starts HAProxy again on the config in place; a failure schedules the
-    /// next try, further out each time.
+    /// Starts HAProxy again on the config in place, which was checked when
+    /// it was put there; a failure schedules the next try, further out each
+    /// time up to the backoff's cap, for as long as sherlock runs.
     pub async fn restart(&mut self) -> Result<(), HaproxyError> {
-        let result = async {
-            self.check(&self.paths.config).await?;
-            self.start().await
+        let mut result = self.start().await;
+        if let Err(HaproxyError::Exited(_)) = &result {
+            // HAProxy's reason went to the log; `-c` puts it in the error.
+            if let Err(why) = self.check(&self.paths.config).await {
+                result = Err(why);
+            }
         }
-        .await;
         match &result {
             Ok(()) => {
                 self.restarts.reset();
@@ -275,6 +309,13 @@ impl Haproxy {
     /// Stops the master (and so its workers): SIGTERM, then SIGKILL.
     pub async fn stop(&mut self) {
         self.restart_at = None;
+        if self.child.is_some() {
+            self.stop_child().await;
+            tracing::info!("haproxy stopped");
+        }
+    }
+
+    async fn stop_child(&mut self) {
         let Some(mut child) = self.child.take() else { return };
         if let Some(pid) = child.id() {
             // SAFETY: signalling our own child by the pid tokio gave us.
@@ -284,7 +325,6 @@ impl Haproxy {
             tracing::warn!("haproxy ignored SIGTERM for 5s; killing it");
             let _ = child.kill().await;
         }
-        tracing::info!("haproxy stopped");
     }
 }
 

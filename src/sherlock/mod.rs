@@ -10,6 +10,7 @@ pub mod admin;
 pub mod applier;
 pub mod config;
 pub mod haproxy;
+pub mod pid1;
 pub mod quiescence;
 pub mod render;
 pub mod runtime;
@@ -155,10 +156,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             _ = reap_every.tick() => applier.reap().await,
             _ = drift_every.tick() => applier.correct_drift().await,
-            _ = applier.haproxy.restart_due() => {
+            exited = applier.haproxy.restart_due() => {
                 // A signal may have reached HAProxy and sherlock together.
                 if shutdown.is_cancelled() { break }
-                applier.restart_haproxy().await;
+                match exited {
+                    Some(status) => applier.haproxy_exited(&status),
+                    // Changes that came while it was down apply now.
+                    None if applier.restart_haproxy().await => apply_at = Some(std::time::Instant::now()),
+                    None => {}
+                }
             }
         }
     }

@@ -524,7 +524,9 @@ mod tests {
         let ok = [
             "# Rendered by dstack sherlock from snapshot 7.",
             "# Rendered by dstack sherlock from snapshot 7 (routes commit abc1234).",
-            "    server emitter-v1-0001 10.0.0.1:9001 weight 1",
+            "    server emitter-v1-0001 10.0.0.1:9001 weight 1 check inter 2s fastinter 500ms fall 2 rise 2 on-marked-down shutdown-sessions",
+            "    http-check send meth GET uri /liveness_check",
+            "    http-check send meth GET uri /emitter/v2/liveness_check",
             "    use_backend svc_a if { path /a } || { path_beg /a/ }",
             "    http-request replace-path ^/a(/.*)?$ /p/q\\1",
         ];
@@ -535,7 +537,10 @@ mod tests {
             "program evil",
             "    command touch /tmp/x",
             "# Rendered by dstack sherlock from snapshot 7 (routes commit abc1234",
-            "    server a 10.0.0.1:9001 weight 1 check",
+            "    server a 10.0.0.1:9001 weight 1",
+            "    server a 10.0.0.1:9001 weight 1 check inter 2s fastinter 500ms fall 2 rise 2",
+            "    http-check send meth GET uri /a b/liveness_check",
+            "    http-check send meth POST uri /liveness_check",
             "    server a 10.0.0.1:9001 weight 1#",
             "    server a\t10.0.0.1:9001 weight 1",
             "    server a \"x\" weight 1",

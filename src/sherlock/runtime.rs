@@ -9,11 +9,29 @@
 
 use std::collections::BTreeMap;
 
-/// One `server` line: where it points and its weight.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One `server` line: where it points, its weight, and the rest of its
+/// options (health checks), which a server added at run time must repeat:
+/// HAProxy applies no `default-server` to those.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServerLine {
     pub addr: String,
     pub weight: u32,
+    /// The words after the address, `weight N` left out, space-separated.
+    pub options: String,
+}
+
+impl ServerLine {
+    /// The commands that add this server at run time and put it in service
+    /// (it starts in maintenance, its checks off).
+    pub fn add_commands(&self, backend: &str, server: &str) -> Vec<String> {
+        let options = if self.options.is_empty() { String::new() } else { format!(" {}", self.options) };
+        let mut commands = vec![format!("add server {backend}/{server} {} weight {}{options}", self.addr, self.weight)];
+        if self.options.split_whitespace().any(|w| w == "check") {
+            commands.push(format!("enable health {backend}/{server}"));
+        }
+        commands.push(format!("enable server {backend}/{server}"));
+        commands
+    }
 }
 
 /// backend -> server -> line.
@@ -44,13 +62,15 @@ impl Shape {
             let indented = !line.starts_with(char::is_alphanumeric);
             match (words.as_slice(), &backend) {
                 (["server", name, addr, rest @ ..], Some(b)) if indented => {
-                    let weight = rest
+                    let at = rest.iter().position(|w| *w == "weight");
+                    let weight = at.and_then(|i| rest.get(i + 1)).and_then(|w| w.parse().ok()).unwrap_or(1);
+                    let options: Vec<&str> = rest
                         .iter()
-                        .position(|w| *w == "weight")
-                        .and_then(|i| rest.get(i + 1))
-                        .and_then(|w| w.parse().ok())
-                        .unwrap_or(1);
-                    let line = ServerLine { addr: addr.to_string(), weight };
+                        .enumerate()
+                        .filter(|(i, _)| at.is_none_or(|at| *i != at && *i != at + 1))
+                        .map(|(_, w)| *w)
+                        .collect();
+                    let line = ServerLine { addr: addr.to_string(), weight, options: options.join(" ") };
                     servers.entry(b.clone()).or_default().insert(name.to_string(), line);
                     continue;
                 }
@@ -72,7 +92,7 @@ impl Shape {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// A new server; it starts in maintenance, so it is enabled after.
-    Add { backend: String, server: String, addr: String, weight: u32 },
+    Add { backend: String, server: String, line: ServerLine },
     /// A server that stays, with a new weight.
     Weight { backend: String, server: String, weight: u32 },
     /// A server that leaves: no new traffic; deleted once its connections end.
@@ -85,10 +105,7 @@ impl Op {
     /// The Runtime API commands, in order.
     pub fn commands(&self) -> Vec<String> {
         match self {
-            Op::Add { backend, server, addr, weight } => vec![
-                format!("add server {backend}/{server} {addr} weight {weight}"),
-                format!("enable server {backend}/{server}"),
-            ],
+            Op::Add { backend, server, line } => line.add_commands(backend, server),
             Op::Weight { backend, server, weight } => vec![format!("set server {backend}/{server} weight {weight}")],
             Op::Drain { backend, server } => vec![format!("set server {backend}/{server} state drain")],
             Op::Undrain { backend, server, weight } => vec![
@@ -119,22 +136,19 @@ pub fn plan(running: &Shape, candidate: &Shape, draining: &BTreeMap<(String, Str
         let before = old.get(backend)?;
         for (server, line) in servers {
             match before.get(server) {
-                Some(prev) if prev.addr != line.addr => return None,
+                Some(prev) if prev.addr != line.addr || prev.options != line.options => return None,
                 Some(prev) if prev.weight != line.weight => {
                     ops.push(Op::Weight { backend: backend.clone(), server: server.clone(), weight: line.weight })
                 }
                 Some(_) => {}
                 None => match draining.get(&(backend.clone(), server.clone())) {
-                    Some(d) if d.addr == line.addr => {
+                    Some(d) if d.addr == line.addr && d.options == line.options => {
                         ops.push(Op::Undrain { backend: backend.clone(), server: server.clone(), weight: line.weight })
                     }
                     Some(_) => return None,
-                    None if is_ip_port(&line.addr) => ops.push(Op::Add {
-                        backend: backend.clone(),
-                        server: server.clone(),
-                        addr: line.addr.clone(),
-                        weight: line.weight,
-                    }),
+                    None if is_ip_port(&line.addr) => {
+                        ops.push(Op::Add { backend: backend.clone(), server: server.clone(), line: line.clone() })
+                    }
                     None => return None,
                 },
             }
@@ -186,10 +200,7 @@ pub fn drift(
         for (server, line) in servers {
             match actual.get(&(backend.clone(), server.clone())) {
                 // If it cannot be added back at run time, the caller reloads.
-                None => {
-                    fixes.push(format!("add server {backend}/{server} {} weight {}", line.addr, line.weight));
-                    fixes.push(format!("enable server {backend}/{server}"));
-                }
+                None => fixes.extend(line.add_commands(backend, server)),
                 Some(state) => {
                     if state.admin & (ADMIN_FORCED_MAINT | ADMIN_FORCED_DRAIN) != 0 {
                         fixes.push(format!("set server {backend}/{server} state ready"));
@@ -217,7 +228,7 @@ mod tests {
     fn config(servers: &[(&str, &str, u32)], extra_backend: bool) -> String {
         let mut c = String::from("# header 1\nglobal\n    master-worker\nbackend svc_a\n    balance roundrobin\n");
         for (name, addr, w) in servers {
-            c.push_str(&format!("    server {name} {addr} weight {w}\n"));
+            c.push_str(&format!("    server {name} {addr} weight {w} check inter 2s\n"));
         }
         if extra_backend {
             c.push_str("backend svc_b\n    balance roundrobin\n");
@@ -234,12 +245,25 @@ mod tests {
             ops,
             vec![
                 Op::Weight { backend: "svc_a".into(), server: "s1".into(), weight: 3 },
-                Op::Add { backend: "svc_a".into(), server: "s3".into(), addr: "127.0.0.1:3".into(), weight: 1 },
+                Op::Add {
+                    backend: "svc_a".into(),
+                    server: "s3".into(),
+                    line: ServerLine { addr: "127.0.0.1:3".into(), weight: 1, options: "check inter 2s".into() }
+                },
                 Op::Drain { backend: "svc_a".into(), server: "s2".into() },
             ]
         );
-        assert_eq!(ops[1].commands()[0], "add server svc_a/s3 127.0.0.1:3 weight 1");
-        assert_eq!(ops[1].commands()[1], "enable server svc_a/s3");
+        assert_eq!(
+            ops[1].commands(),
+            [
+                "add server svc_a/s3 127.0.0.1:3 weight 1 check inter 2s",
+                "enable health svc_a/s3",
+                "enable server svc_a/s3"
+            ]
+        );
+        // Checks changed on a server: HAProxy cannot change them at run time.
+        let other_checks = running.replace("check inter 2s", "check inter 5s");
+        assert_eq!(plan(&Shape::of(&running), &Shape::of(&other_checks), &BTreeMap::new()), None);
     }
 
     #[test]
@@ -271,7 +295,8 @@ mod tests {
         let running = config(&[("s1", "127.0.0.1:1", 1)], false);
         let candidate = config(&[("s1", "127.0.0.1:1", 1), ("s2", "127.0.0.1:2", 5)], false);
         let mut draining = BTreeMap::new();
-        draining.insert(("svc_a".to_string(), "s2".to_string()), ServerLine { addr: "127.0.0.1:2".into(), weight: 1 });
+        let line = ServerLine { addr: "127.0.0.1:2".into(), weight: 1, options: "check inter 2s".into() };
+        draining.insert(("svc_a".to_string(), "s2".to_string()), line);
         let ops = plan(&Shape::of(&running), &Shape::of(&candidate), &draining).unwrap();
         assert_eq!(ops, vec![Op::Undrain { backend: "svc_a".into(), server: "s2".into(), weight: 5 }]);
     }

@@ -37,6 +37,16 @@ pids=()
 # ignore SIGINT, so each gets a SIGTERM.
 cleanup() {
   local code=$1
+  if [ "$BASHPID" != "$$" ]; then
+    # A signal that reaches a subshell (a $(...) of the wait loop) between
+    # its fork and its reset of the traps runs this there. Die of that
+    # signal, so that the script sees it and stops everything: a subshell
+    # that exited normally would make bash take the signal as handled, and
+    # the script would go on with its processes stopped.
+    trap - INT TERM EXIT
+    case $code in 130) kill -INT "$BASHPID" ;; 143) kill -TERM "$BASHPID" ;; esac
+    return
+  fi
   trap - INT TERM EXIT
   echo
   echo "stopping the demo..."

@@ -148,13 +148,15 @@ fn ctrl_c_during_the_demos_start_up_stops_everything_at_once() {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(sent.elapsed() < Duration::from_secs(20), "the demo ignored Ctrl-C:\n{}", output());
+        assert!(sent.elapsed() < Duration::from_secs(30), "the demo ignored Ctrl-C:\n{}", output());
         std::thread::sleep(Duration::from_millis(10));
     };
     let took = sent.elapsed();
-    // About a second on an idle machine; the bound leaves room for a busy
-    // one and is far below the 11 s this took before.
-    assert!(took < Duration::from_secs(4), "Ctrl-C took {took:?} to stop the demo:\n{}", output());
+    // About a second, also with three busy loops on the machine's two
+    // cores; 10 s before sherlock let a signal cut short a reload's wait
+    // for a worker (the signal had reached HAProxy too), 11 s before the
+    // script exited from its trap.
+    assert!(took < Duration::from_secs(6), "Ctrl-C took {took:?} to stop the demo:\n{}", output());
     assert_eq!(status.code(), Some(130), "exit status {status:?}:\n{}", output());
     assert!(!output().contains("dstack is running"), "the demo went on after Ctrl-C:\n{}", output());
     let left = processes_of(pgid, tmp.path());

@@ -126,7 +126,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         applied_tx,
         shared.clone(),
     );
-    applier.start_haproxy(&cached).await?;
+    // A signal during the start (up to 10 s on a loaded host) stops it:
+    // the dropped start leaves its master for `stop` to end.
+    let started = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        started = applier.start_haproxy(&cached) => Some(started),
+    };
+    let Some(started) = started else {
+        applier.haproxy.stop().await;
+        return Ok(());
+    };
+    started?;
 
     let (tx, mut rx) = watch::channel::<Option<Snapshot>>(None);
     let subscriber = tokio::spawn(subscriber::run(config.clone(), tx, applied_rx, shared.clone(), shutdown.clone()));
@@ -149,8 +160,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             }
             _ = sleep_until(apply_at) => {
                 let next = rx.borrow().clone();
+                // A pass may wait up to 10 s for a reload's worker, which a
+                // Ctrl-C (sent to HAProxy too) means never comes: shutdown
+                // cuts it short, and the master is stopped below.
                 apply_at = match next {
-                    Some(next) => applier.pass(&next).await,
+                    Some(next) => tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break,
+                        next_run = applier.pass(&next) => next_run,
+                    },
                     None => None,
                 };
             }
@@ -162,8 +180,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 match exited {
                     Some(status) => applier.haproxy_exited(&status),
                     // Changes that came while it was down apply now.
-                    None if applier.restart_haproxy().await => apply_at = Some(std::time::Instant::now()),
-                    None => {}
+                    None => {
+                        let restarted = tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => break,
+                            restarted = applier.restart_haproxy() => restarted,
+                        };
+                        if restarted {
+                            apply_at = Some(std::time::Instant::now());
+                        }
+                    }
                 }
             }
         }

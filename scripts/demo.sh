@@ -103,15 +103,24 @@ start sherlock "$bin/sherlock" -d "$directory" --listen "127.0.0.1:$SHERLOCK_POR
 start transform "$ex/transform" --listen "127.0.0.1:$TRANSFORM_PORT" --upstream "http://127.0.0.1:$SHERLOCK_PORT/emitter"
 start watson-transform "$bin/watson" -d "$directory" //services/transform "http://127.0.0.1:$TRANSFORM_PORT/transform" 1
 
-# Wait until sherlock routes to all three emitters and the transform.
-for _ in $(seq 1 100); do
-  if curl -fs "http://127.0.0.1:$SHERLOCK_PORT/transform/" >/dev/null 2>&1 &&
-     [ "$("$bin/dw" -d "$directory" route list | grep -c '^emitter')" -eq 3 ] &&
-     [ "$("$bin/dw" -d "$directory" route list | grep -c '^barker.*yes')" -eq 4 ]; then
-    break
-  fi
-  sleep 0.1
-done
+# Wait until sherlock routes to all three emitters and the transform. In
+# the background, waited for with `wait`: a Ctrl-C ends `wait` at once and
+# runs the trap, whereas bash runs no trap after a foreground command that
+# caught the signal itself (as dw does), and the script would go on.
+ready() {
+  for _ in $(seq 1 100); do
+    if curl -fs "http://127.0.0.1:$SHERLOCK_PORT/transform/" >/dev/null 2>&1 &&
+       [ "$("$bin/dw" -d "$directory" route list | grep -c '^emitter')" -eq 3 ] &&
+       [ "$("$bin/dw" -d "$directory" route list | grep -c '^barker.*yes')" -eq 4 ]; then
+      break
+    fi
+    sleep 0.1
+  done
+  "$bin/dw" -d "$directory" route list >"$state/routes.txt" 2>&1
+}
+ready &
+pids+=($!)
+wait $!
 
 cat <<TXT
 
@@ -121,7 +130,7 @@ dstack is running on loopback:
   emitter    vm101..vm103 on ports ${EMITTER_PORTS[*]}, each with a watson (period 1 s)
   transform  port $TRANSFORM_PORT, consumes emitter through sherlock
 
-$("$bin/dw" -d "$directory" route list)
+$(cat "$state/routes.txt")
 
 Try, in another terminal:
   curl http://localhost:$SHERLOCK_PORT/emitter/        # round robin: run it a few times

@@ -130,6 +130,11 @@ async fn restart_with_the_remote_away(cluster: &mut Cluster, repo: &RoutesRepo, 
     .await;
     assert_eq!(status["commit"], good.to_string(), "{status}");
     assert!(status["routes"]["stale"].is_string(), "still not fetched: {status}");
+    // The error is news in a snapshot of its own: the sherlock applies it.
+    eventually(Duration::from_secs(10), "the sherlock to apply the snapshot served", async || {
+        all_applied(&cluster.status().await).then_some(())
+    })
+    .await;
     let (counts, errors) = cluster.tally("/barker/", 10).await;
     assert_eq!((by_version(&counts).get("v2"), errors), (Some(&10), 0), "v2 alone, as in git: {counts:?}");
 

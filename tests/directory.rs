@@ -7,23 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A directory on a free port in `dir`; its base URL and process.
-async fn directory(dir: &std::path::Path, extra: &[&str]) -> (String, Proc) {
-    let listen = format!("127.0.0.1:{}", free_port());
-    // In the test's temp dir: the default is a system dir for root.
-    let state = dir.join(format!("state-{}", listen.rsplit(':').next().unwrap()));
-    let mut args = vec!["--listen", listen.as_str(), "--state-dir", state.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let proc = Proc::start(dir, "directory", &args);
-    let url = format!("http://{listen}");
-    let http = reqwest::Client::new();
-    eventually(Duration::from_secs(10), "the directory to answer", async || {
-        http.get(format!("{url}/v1/status")).send().await.ok().filter(|r| r.status().is_success())
-    })
-    .await;
-    (url, proc)
-}
-
 async fn published(http: &reqwest::Client, url: &str) -> u64 {
     let text = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
     metric(&text, "dstack_directory_snapshots_published_total")
@@ -37,7 +20,7 @@ fn heartbeat(service: &str, port: u16, path: &str) -> String {
 async fn a_burst_of_heartbeats_is_published_as_fewer_snapshots_with_all_of_them() {
     let tmp = tempfile::tempdir().unwrap();
     // Warming lasts the whole test, so its end publishes nothing extra.
-    let (url, _directory) = directory(tmp.path(), &["--max-ttl", "60s"]).await;
+    let (url, _directory) = lone_directory(tmp.path(), &["--max-ttl", "60s"]).await;
     let http = reqwest::Client::new();
     let before = published(&http, &url).await;
 
@@ -80,7 +63,7 @@ async fn a_burst_of_heartbeats_is_published_as_fewer_snapshots_with_all_of_them(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_lists_instances_and_warnings_in_plain_text() {
     let tmp = tempfile::tempdir().unwrap();
-    let (url, _directory) = directory(tmp.path(), &["-n", "services", "--max-ttl", "60s"]).await;
+    let (url, _directory) = lone_directory(tmp.path(), &["-n", "services", "--max-ttl", "60s"]).await;
     let http = reqwest::Client::new();
     // Two instances of one service whose paths differ: a warning.
     for (id, port, path) in [("e1", 9001, "/emitter"), ("e2", 9002, "/elsewhere")] {

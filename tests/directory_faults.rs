@@ -46,17 +46,8 @@ struct Directory {
 
 impl Directory {
     async fn start(dir: &std::path::Path, extra: &[&str]) -> Directory {
-        let listen = format!("127.0.0.1:{}", free_port());
-        let state = dir.join(format!("state-{}", listen.rsplit(':').next().unwrap()));
-        let mut args = vec!["--listen", listen.as_str(), "--state-dir", state.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        let proc = Proc::start(dir, "directory", &args);
-        let url = format!("http://{listen}");
+        let (url, proc) = lone_directory(dir, extra).await;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-        eventually(Duration::from_secs(10), "the directory to answer", async || {
-            http.get(format!("{url}/v1/status")).send().await.ok().filter(|r| r.status().is_success())
-        })
-        .await;
         Directory { url, proc, http }
     }
 

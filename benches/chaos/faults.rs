@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{haproxy_pids, metric};
+use crate::common::{haproxy_pids, metric, panic_text};
 use crate::env::{base_weights, routes_yaml, weights, Cluster, Weights};
 use crate::gitserver::Mode;
 use crate::load::{mismatch, read_servers, Load, LoadResult, Monitor, MonitorResult, CLIENT_TIMEOUT, EPISODE_MIN};
@@ -176,18 +176,6 @@ pub async fn run(selected: Vec<&'static Fault>) -> Vec<Row> {
         tokio::task::spawn_blocking(move || drop(c)).await.ok();
     }
     rows
-}
-
-fn panic_text(e: tokio::task::JoinError) -> String {
-    if !e.is_panic() {
-        return e.to_string();
-    }
-    let payload = e.into_panic();
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 fn secs(d: Duration) -> String {

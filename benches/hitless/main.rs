@@ -51,6 +51,7 @@ mod scale;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::panic_text;
 use env::{Env, Figure, Section, Wire};
 
 const BENCHES: [&str; 5] = ["propagation", "failures", "reloads", "capacity", "scale"];
@@ -227,17 +228,4 @@ fn side_by_side(figures: &[(Wire, Vec<Figure>)]) -> String {
         out.push_str(&format!("| {name} | {} | {} | {ratio} |\n", show(p), show(s)));
     }
     out
-}
-
-/// What a section's panic said.
-fn panic_text(e: tokio::task::JoinError) -> String {
-    if !e.is_panic() {
-        return e.to_string();
-    }
-    let payload = e.into_panic();
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic without a message".into())
 }

@@ -1049,3 +1049,35 @@ impl Drop for TlsInstance {
         self.task.abort();
     }
 }
+
+/// What a spawned task's panic said (the benchmarks report a failed
+/// section or fault by it and go on).
+pub fn panic_text(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// A plain directory alone on a free port, its state dir in `dir`, started
+/// with `extra`; its base URL and process, once it answers.
+pub async fn lone_directory(dir: &Path, extra: &[&str]) -> (String, Proc) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    // In the test's temp dir: the default is a system dir for root.
+    let state = dir.join(format!("state-{}", listen.rsplit(':').next().unwrap()));
+    let mut args = vec!["--listen", listen.as_str(), "--state-dir", state.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let proc = Proc::start(dir, "directory", &args);
+    let url = format!("http://{listen}");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    eventually(Duration::from_secs(10), "the directory to answer", async || {
+        http.get(format!("{url}/v1/status")).send().await.ok().filter(|r| r.status().is_success())
+    })
+    .await;
+    (url, proc)
+}

@@ -150,6 +150,9 @@ pub struct Pace {
     pub ttl: Duration,
 }
 
+/// The shortest TTL a directory can make watson use.
+const MIN_MAX_TTL: Duration = Duration::from_millis(100);
+
 impl Pace {
     /// The pace the service asks for.
     pub fn wanted(service: &ServiceConfig) -> Pace {
@@ -157,8 +160,11 @@ impl Pace {
     }
 
     /// `wanted`, or the fastest pace inside `max_ttl`: still three
-    /// heartbeats per TTL, so one lost heartbeat does not expire it.
+    /// heartbeats per TTL, so one lost heartbeat does not expire it. The
+    /// directory's word is bounded below: a `max_ttl_ms` of 0 (a bug, or a
+    /// hostile directory) must not make watson heartbeat in a busy loop.
     pub fn within(wanted: Pace, max_ttl: Duration) -> Pace {
+        let max_ttl = max_ttl.max(MIN_MAX_TTL);
         if wanted.ttl <= max_ttl {
             wanted
         } else {
@@ -295,6 +301,8 @@ mod tests {
         assert_eq!(Pace::within(wanted, s(3600)), wanted, "a longer max changes nothing");
         assert_eq!(Pace::within(wanted, s(10)), Pace { period: s(10) / 3, ttl: s(10) });
         assert_eq!(Pace::within(wanted, Duration::from_millis(100)).ttl, Duration::from_millis(100));
+        let zero = Pace::within(wanted, Duration::ZERO);
+        assert_eq!((zero.ttl, zero.period), (super::MIN_MAX_TTL, super::MIN_MAX_TTL / 3), "no busy loop on a max of 0");
     }
 
     #[test]

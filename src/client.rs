@@ -15,6 +15,13 @@ use crate::tls::ClientTls;
 /// peer certificate: UnknownIssuer`) and, for the TLS mistakes people make,
 /// what to do about it.
 pub fn explain(error: &(dyn std::error::Error + 'static)) -> String {
+    let text = chain(error);
+    let hint = tls_hint(&text);
+    text + hint
+}
+
+/// An error and its causes, each said once.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(e) = cause {
@@ -25,7 +32,12 @@ pub fn explain(error: &(dyn std::error::Error + 'static)) -> String {
         }
         cause = e.source();
     }
-    let hint = if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
+    text
+}
+
+/// What to do about a TLS mistake that `text` (an error chain) names.
+fn tls_hint(text: &str) -> &'static str {
+    if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
         " (the certificate is not signed by a CA this client trusts: give --ca-file with the CA's certificate)"
     } else if text.contains("NotValidForName") {
         " (the certificate does not name this host: use a name or address listed in its subject alternative names)"
@@ -37,25 +49,26 @@ pub fn explain(error: &(dyn std::error::Error + 'static)) -> String {
         " (the server does not speak TLS: is it a plain http:// address?)"
     } else {
         ""
-    };
-    text + hint
+    }
 }
 
-/// A TLS 1.3 server that refuses a client for having no certificate says
-/// so in an alert sent after the client's side of the handshake is done, so
-/// the alert may arrive as the request is sent, or the connection may only
-/// close: then the error names no certificate, and this hint does.
+/// A TLS 1.3 server that refuses a client's certificate (none, or one it
+/// does not trust) says so in an alert sent after the client's side of the
+/// handshake is done, so the alert may arrive as the request is sent, or
+/// the connection may only close: then the error names no certificate
+/// (`explain` gave no hint), and this hint says what to check.
 fn closed_after_handshake(addr: &DirectoryAddr, client_cert: bool, source: &reqwest::Error) -> &'static str {
-    let text = explain(source);
+    closed_hint(addr.base().starts_with("https://"), client_cert, &chain(source))
+}
+
+fn closed_hint(https: bool, client_cert: bool, text: &str) -> &'static str {
     let closed = ["connection was not ready", "connection closed before message completed", "reset by peer"];
-    if addr.base().starts_with("https://")
-        && !client_cert
-        && !text.contains("give --")
-        && closed.iter().any(|c| text.contains(c))
-    {
-        " (the directory closed the connection after the TLS handshake: if it asks for a client certificate, give --client-cert and --client-key)"
-    } else {
+    if !https || !tls_hint(text).is_empty() || !closed.iter().any(|c| text.contains(c)) {
         ""
+    } else if client_cert {
+        " (the directory closed the connection after the TLS handshake: it may have refused this client's certificate: is it signed by the directory's --client-ca?)"
+    } else {
+        " (the directory closed the connection after the TLS handshake: if it asks for a client certificate, give --client-cert and --client-key)"
     }
 }
 
@@ -306,6 +319,17 @@ impl DirectoryClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_closed_after_the_handshake_gets_a_certificate_hint() {
+        let closed = "error sending request: client error (Canceled): connection was not ready";
+        assert!(closed_hint(true, false, closed).contains("give --client-cert and --client-key"));
+        assert!(closed_hint(true, true, closed).contains("refused this client's certificate"));
+        assert_eq!(closed_hint(false, false, closed), "", "plain http:// has no certificate to blame");
+        let named = "error sending request: received fatal alert: CertificateRequired";
+        assert_eq!(closed_hint(true, false, named), "", "explain's own hint says it already");
+        assert_eq!(closed_hint(true, false, "tcp connect error: Connection refused"), "");
+    }
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// A one-connection HTTP server that answers `head` and then writes

@@ -292,3 +292,24 @@ async fn a_fetch_from_a_hung_git_server_is_given_up_at_its_timeout_and_retried()
         assert!(status["commit"].is_null(), "{status}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_that_did_not_run_for_longer_than_a_ttl_expires_no_instance() {
+    let cluster = Cluster::start().await;
+    let (_instances, _watsons) = cluster.fleet("barker", &["v1", "v2"]).await;
+    cluster.wait_for_instances("barker", 2).await;
+    let expiries = cluster.directory_metric("dstack_directory_expiries_total").await;
+
+    // Stopped for longer than the watsons' TTL (3 s): their heartbeats wait
+    // in the socket queue, and are read after the publisher's first pass.
+    cluster.directory.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.directory.signal(libc::SIGCONT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        cluster.directory_metric("dstack_directory_expiries_total").await,
+        expiries,
+        "instances expired for heartbeats the directory could not hear"
+    );
+    assert_eq!(cluster.status().await["instances"].as_array().unwrap().len(), 2);
+}

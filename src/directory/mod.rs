@@ -401,6 +401,17 @@ impl Directory {
     /// sooner.
     fn step(&self, now: Instant) -> (Option<Instant>, bool) {
         let mut inner = self.inner.lock().unwrap();
+        if let Some(stall) = inner.schedule.stalled(now) {
+            // Heartbeats sent meanwhile wait in the socket queue, and are
+            // read only now: expiring on the clock alone would empty every
+            // sherlock's backends at once after a pause.
+            tracing::warn!(
+                ?stall,
+                "the directory did not run for a while; every instance's ttl is extended by as much"
+            );
+            inner.registry.postpone(stall);
+            inner.schedule.next_expiry = inner.registry.next_expiry();
+        }
         let due = inner.schedule.due(now);
         if due.expire {
             let expired = inner.registry.expire(now);

@@ -14,9 +14,16 @@ pub const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(10);
 /// a quarter of a core in merges instead of one full merge per heartbeat.
 pub const PUBLISH_COST_FACTOR: u32 = 4;
 
+/// While instances are registered the publisher runs at least this often,
+/// so it can tell when the directory itself did not run (SIGSTOP, a paused
+/// VM, a starved host): see [`Schedule::stalled`].
+pub const TICK: Duration = Duration::from_millis(250);
+
 /// The publisher's clock.
 #[derive(Debug, Clone, Default)]
 pub struct Schedule {
+    /// When the publisher last ran.
+    pub last_pass: Option<Instant>,
     /// A change waits to be published.
     pub pending: bool,
     /// When the last publish ran, and how long its merge took.
@@ -58,7 +65,18 @@ impl Schedule {
     /// None: sleep until a change arrives.
     pub fn next_wake(&self) -> Option<Instant> {
         let publish = if self.pending { self.publish_allowed_at() } else { None };
-        [self.next_expiry, self.warming_until, publish].into_iter().flatten().min()
+        let tick = self.next_expiry.and(self.last_pass).map(|t| t + TICK);
+        [self.next_expiry, self.warming_until, publish, tick].into_iter().flatten().min()
+    }
+
+    /// Records a pass at `now`, and returns how long before it the
+    /// directory did not run at all, when that is more than a tick late: no
+    /// heartbeat could be heard meanwhile, so no instance may be blamed for
+    /// that time (the registry postpones every expiry by it).
+    pub fn stalled(&mut self, now: Instant) -> Option<Duration> {
+        let gap = self.last_pass.map(|t| now.saturating_duration_since(t));
+        self.last_pass = Some(now);
+        gap.filter(|gap| *gap > 2 * TICK).map(|gap| gap - TICK)
     }
 
     /// Whether a wake-up by a new change could bring work forward. While a
@@ -118,6 +136,20 @@ mod tests {
         assert_eq!(s.next_wake(), Some(t0 + ms(80)));
         assert!(!s.due(t0 + ms(79)).publish);
         assert!(s.due(t0 + ms(80)).publish);
+    }
+
+    #[test]
+    fn a_pass_long_after_the_last_is_a_stall_of_the_directory_itself() {
+        let t0 = Instant::now();
+        let mut s = Schedule::default();
+        assert_eq!(s.stalled(t0), None, "the first pass");
+        s.expiry_at_most(t0 + ms(3000));
+        assert_eq!(s.next_wake(), Some(t0 + TICK), "with instances, a pass every tick");
+        assert_eq!(s.stalled(t0 + ms(250)), None);
+        assert_eq!(s.stalled(t0 + ms(700)), None, "a tick late at most is no stall");
+        assert_eq!(s.stalled(t0 + ms(5700)), Some(ms(4750)), "stopped for 5 s");
+        s.next_expiry = None;
+        assert_eq!(s.next_wake(), None, "no instance: no tick");
     }
 
     #[test]

@@ -91,6 +91,14 @@ impl Registry {
     }
 
     /// Removes every instance whose TTL has run out at `now`, and returns them.
+    /// Moves every instance's expiry `by` later: for a time in which the
+    /// directory could not hear any heartbeat.
+    pub fn postpone(&mut self, by: Duration) {
+        for entry in self.instances.values_mut() {
+            entry.last_seen += by;
+        }
+    }
+
     pub fn expire(&mut self, now: Instant) -> Vec<(InstanceId, Entry)> {
         let dead: Vec<InstanceId> =
             self.instances.iter().filter(|(_, e)| e.expires_at() <= now).map(|(id, _)| id.clone()).collect();
@@ -139,6 +147,17 @@ mod tests {
 
     fn id(s: &str) -> InstanceId {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn postponed_expiry() {
+        let t0 = Instant::now();
+        let mut reg = Registry::default();
+        reg.heartbeat(id("a"), hb("http://a", 1000), t0);
+        reg.postpone(Duration::from_millis(5000));
+        assert!(reg.expire(t0 + Duration::from_millis(5999)).is_empty());
+        assert_eq!(reg.next_expiry(), Some(t0 + Duration::from_millis(6000)));
+        assert_eq!(reg.expire(t0 + Duration::from_millis(6000)).len(), 1);
     }
 
     #[test]

@@ -85,7 +85,9 @@ async fn a_dead_haproxy_is_restarted_with_backoff_for_good_and_status_says_so_me
         assert!(killed.elapsed() < Duration::from_secs(20), "no new master serving 20s after the kill");
     }
     println!("a SIGKILL of haproxy's master: port not served for {outage:?}");
-    assert!(outage < Duration::from_secs(5), "{outage:?} without service (the goal is under a second)");
+    // Sherlock holds the listening socket: clients wait in its queue while
+    // the new master starts, and none is refused.
+    assert_eq!(outage, Duration::ZERO, "clients refused while the master was replaced");
     eventually(Duration::from_secs(10), "status to say haproxy runs", async || {
         (cluster.sherlock_status(port).await["haproxy_running"] == true).then_some(())
     })

@@ -273,24 +273,60 @@ async fn bad_names_are_refused_at_the_api_and_the_cli() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sherlocks_exit_takes_its_haproxy_with_it() {
+async fn a_killed_sherlocks_haproxy_serves_on_until_the_next_sherlock_takes_it_over() {
     let mut cluster = Cluster::start().await;
-    let run_dir = cluster.dir.path().join(format!("sherlock-{}", cluster.sherlock_port));
+    let run_dir = cluster.run_dir(cluster.sherlock_port);
     assert!(!haproxy_pids(&run_dir).is_empty(), "haproxy runs under sherlock");
     let status = cluster.sherlock.as_mut().unwrap().stop();
     assert!(status.success(), "sherlock exited with {status}");
     assert_eq!(haproxy_pids(&run_dir), Vec::<i32>::new(), "SIGTERM: no orphan haproxy");
 
-    // Even SIGKILL, which sherlock cannot catch, takes HAProxy down.
-    let (port, mut second) = cluster.start_sherlock(&[]).await;
-    let run_dir = cluster.dir.path().join(format!("sherlock-{port}"));
-    assert!(!haproxy_pids(&run_dir).is_empty());
-    second.signal(libc::SIGKILL);
-    second.kill();
-    eventually(Duration::from_secs(5), "haproxy to follow a killed sherlock", async || {
-        haproxy_pids(&run_dir).is_empty().then_some(())
+    let a = Instance::start("vm101").await;
+    let _wa = cluster.watson("emitter", &a.url("/emitter"), &[]);
+    let (port, mut first) = cluster.start_sherlock(&[]).await;
+    cluster.wait_for_instances("emitter", 1).await;
+    let run_dir = cluster.run_dir(port);
+    let old = haproxy_pids(&run_dir);
+
+    // Clients call back to back, each on a new connection, through the
+    // kill and the takeover; every failure is kept.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, http) = (stop.clone(), reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap());
+        tokio::spawn(async move {
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                sent += 1;
+                match get_via(&http, port, "/emitter/").await {
+                    Ok((200, _)) => {}
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (sent, failed)
+        })
+    };
+
+    // SIGKILL, which sherlock cannot catch: its HAProxy serves on.
+    first.signal(libc::SIGKILL);
+    first.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(haproxy_pids(&run_dir), old, "HAProxy outlives a killed sherlock");
+
+    // The next sherlock on the same run dir starts its own HAProxy on the
+    // socket the old one serves, then lets the old one go.
+    let (_, _second) = cluster.start_sherlock_at(port, &[]).await;
+    let new = eventually(Duration::from_secs(20), "the old haproxy to leave", async || {
+        let now = haproxy_pids(&run_dir);
+        (!now.is_empty() && now.iter().all(|p| !old.contains(p))).then_some(now)
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failed) = load.await.unwrap();
+    assert!(sent > 50, "only {sent} requests sent");
+    assert_eq!(failed, Vec::<String>::new(), "of {sent} requests through a kill and a takeover");
+    assert_eq!(cluster.sherlock_status(port).await["haproxy_running"], true);
+    println!("{sent} requests, none failed; haproxy {old:?} -> {new:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

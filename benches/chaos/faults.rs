@@ -585,9 +585,10 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                 p.kill();
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let left = haproxy_pids(&c.run_dir).len();
+            // HAProxy outlives sherlock and serves on.
+            let orphans = haproxy_pids(&c.run_dir);
             let listening = tokio::net::TcpStream::connect(("127.0.0.1", c.sherlock_port)).await.is_ok();
-            notes.push(format!("1 s after the kill: {left} HAProxy processes, port listening {listening}"));
+            notes.push(format!("1 s after the kill: {} HAProxy processes, port listening {listening}", orphans.len()));
             tokio::time::sleep(Duration::from_secs(1)).await;
             c.start_sherlock();
             let t = Instant::now();
@@ -596,11 +597,26 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                     let servers = read_servers(&c.run_dir.join("admin.sock"));
                     let right = servers.as_ref().is_some_and(|s| mismatch(s, &base).is_none());
                     notes.push(format!(
-                        "serving {} after the restart, the directory silent; git's weights then: {right}",
+                        "the new sherlock's HAProxy serving {} after the restart, the directory silent; git's weights then: {right}",
                         secs(d)
                     ));
                 }
                 Err(e) => notes.push(format!("while the directory was silent: {e}")),
+            }
+            // It took the old HAProxy over: the old one finishes and leaves.
+            let gone = loop {
+                let now = haproxy_pids(&c.run_dir);
+                if !orphans.is_empty() && now.iter().all(|p| !orphans.contains(p)) {
+                    break Some(t.elapsed());
+                }
+                if t.elapsed() > Duration::from_secs(20) {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            match gone {
+                Some(d) => notes.push(format!("the killed sherlock's HAProxy left {} after the restart", secs(d))),
+                None => notes.push("the killed sherlock's HAProxy did not leave within 20 s".into()),
             }
             tokio::time::sleep(Duration::from_secs(3).saturating_sub(t.elapsed())).await;
             c.d1.signal(libc::SIGCONT);

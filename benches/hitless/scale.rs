@@ -87,7 +87,7 @@ pub async fn run() -> String {
 
     // A real HAProxy running the 10,000-server config.
     std::fs::write(&paths.config, &running).unwrap();
-    let mut haproxy = Haproxy::new("haproxy".into(), paths.clone());
+    let mut haproxy = Haproxy::new("haproxy".into(), paths.clone(), site.bind.parse().unwrap());
     let t0 = Instant::now();
     haproxy.check(&paths.config).await.unwrap();
     let first_check = t0.elapsed();

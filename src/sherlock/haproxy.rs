@@ -4,7 +4,19 @@
 //! A reload goes through the master CLI; the stats socket exposes its
 //! listeners, so the master passes the bound sockets to the new worker and
 //! no connection is refused during a reload.
+//!
+//! Sherlock binds the clients' port itself, keeps that socket for its whole
+//! life and hands a copy to every HAProxy it starts, as descriptor 3
+//! (`bind fd@3`). While a master or worker dies and a new one starts, the
+//! socket stays open, so new connections wait in its queue instead of being
+//! refused. HAProxy does not die with sherlock: a sherlock started again on
+//! the same run dir finds the running master through the master socket,
+//! takes a copy of its listening socket (`pidfd_getfd`), starts its own
+//! master on it, and only then lets the old one finish its connections and
+//! exit (ARCHITECTURE.md, "The listening socket").
 
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -31,6 +43,14 @@ pub enum HaproxyError {
     Exited(String),
     #[error("reload failed: {0}")]
     Reload(String),
+    #[error(
+        "cannot listen on {addr}: {source} (another program, or an HAProxy that is not this run dir's, holds the port)"
+    )]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -42,6 +62,9 @@ pub enum HaproxyError {
 
 /// How long a starting master has to show a worker.
 const READY_LIMIT: Duration = Duration::from_secs(10);
+
+/// The descriptor HAProxy finds the listening socket on (`bind fd@3`).
+pub const LISTEN_FD: RawFd = 3;
 
 /// The files of one sherlock's HAProxy, all in its run dir.
 #[derive(Debug, Clone)]
@@ -69,6 +92,15 @@ impl Paths {
 pub struct Haproxy {
     binary: PathBuf,
     pub paths: Paths,
+    /// Where clients connect.
+    listen: SocketAddr,
+    /// The listening socket, held while HAProxy runs or is being restarted;
+    /// dropped when a start fails, so clients are refused at once rather than
+    /// queued while HAProxy stays down.
+    listener: Option<OwnedFd>,
+    /// A master left running by an earlier sherlock on this run dir, to be
+    /// stopped gracefully once ours serves.
+    predecessor: Option<u32>,
     child: Option<Child>,
     /// Spaces out restarts of a master that keeps dying or failing to start.
     restarts: Backoff,
@@ -79,6 +111,7 @@ pub struct Haproxy {
 /// What `show proc` on the master CLI says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcState {
+    pub master: u32,
     pub reloads: u64,
     pub failed: u64,
     pub workers: Vec<u32>,
@@ -95,8 +128,9 @@ pub fn parse_show_proc(text: &str) -> Option<ProcState> {
         }
         let fields: Vec<&str> = line.split_whitespace().collect();
         match fields.as_slice() {
-            [_, "master", reloads, "[failed:", failed, ..] => {
+            [master, "master", reloads, "[failed:", failed, ..] => {
                 state = Some(ProcState {
+                    master: master.parse().ok()?,
                     reloads: reloads.parse().ok()?,
                     failed: failed.trim_end_matches(']').parse().ok()?,
                     workers: Vec::new(),
@@ -114,24 +148,24 @@ pub fn parse_show_proc(text: &str) -> Option<ProcState> {
 }
 
 impl Haproxy {
-    pub fn new(binary: PathBuf, paths: Paths) -> Haproxy {
+    pub fn new(binary: PathBuf, paths: Paths, listen: SocketAddr) -> Haproxy {
         // The first restart comes within 100 ms, so a killed master's port
         // is served again within a second; a master that keeps failing is
         // tried every 10 s at most, for good.
         let restarts = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        Haproxy { binary, paths, child: None, restarts, restart_at: None }
+        Haproxy { binary, paths, listen, listener: None, predecessor: None, child: None, restarts, restart_at: None }
     }
 
     /// `haproxy -c` on a file: Ok, or the errors HAProxy printed.
     pub async fn check(&self, config: &Path) -> Result<(), HaproxyError> {
-        let out = Command::new(&self.binary)
-            .arg("-c")
-            .arg("-f")
-            .arg(config)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|source| HaproxyError::Spawn { binary: self.binary.clone(), source })?;
+        let spawn = |source| HaproxyError::Spawn { binary: self.binary.clone(), source };
+        // `bind fd@3` needs a socket there even to be checked; an unbound one
+        // does, and never takes a client.
+        let stand_in = unbound_socket(self.listen).map_err(spawn)?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("-c").arg("-f").arg(config).stdin(Stdio::null());
+        pass_listener(&mut cmd, stand_in.as_raw_fd());
+        let out = cmd.output().await.map_err(spawn)?;
         if out.status.success() {
             Ok(())
         } else {
@@ -147,14 +181,80 @@ impl Haproxy {
     /// On any failure nothing is left running: a master that started but
     /// never became ready is stopped, so a later start begins clean.
     pub async fn start(&mut self) -> Result<(), HaproxyError> {
-        let result = self.spawn_and_wait().await;
-        if result.is_err() {
-            self.stop_child().await;
+        self.find_predecessor().await;
+        let result = match self.listener_fd() {
+            Ok(fd) => self.spawn_and_wait(fd).await,
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(()) => self.retire_predecessor(),
+            Err(_) => {
+                self.stop_child().await;
+                // Nobody serves the queue: refuse clients until a start works
+                // (unless the predecessor still serves it).
+                if self.predecessor.is_none() {
+                    self.listener = None;
+                }
+            }
         }
         result
     }
 
-    async fn spawn_and_wait(&mut self) -> Result<(), HaproxyError> {
+    /// The listening socket: the one held, else a new one.
+    fn listener_fd(&mut self) -> Result<RawFd, HaproxyError> {
+        if self.listener.is_none() {
+            let listener = std::net::TcpListener::bind(self.listen)
+                .map_err(|source| HaproxyError::Listen { addr: self.listen, source })?;
+            self.listener = Some(OwnedFd::from(listener));
+        }
+        Ok(self.listener.as_ref().map(|l| l.as_raw_fd()).expect("set above"))
+    }
+
+    /// A master that an earlier sherlock on this run dir left running (one
+    /// ended by SIGKILL cannot stop it): remember it, and take a copy of its
+    /// listening socket, so ours starts on the very socket it serves and no
+    /// client is refused during the handover.
+    async fn find_predecessor(&mut self) {
+        if self.child.is_some() || self.predecessor.is_some() {
+            return;
+        }
+        let Ok(state) = self.show_proc().await else { return };
+        // The socket file is ours; the process must be an HAProxy started
+        // on it, not a pid reused since.
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", state.master)).unwrap_or_default();
+        let needle = self.paths.master_socket.as_os_str().as_encoded_bytes();
+        if !cmdline.windows(needle.len()).any(|w| w == needle) {
+            return;
+        }
+        tracing::info!(pid = state.master, "an haproxy from an earlier sherlock serves this run dir; taking it over");
+        self.predecessor = Some(state.master);
+        if self.listener.is_some() {
+            return;
+        }
+        match copy_listener(state.master, self.listen) {
+            Ok(fd) => self.listener = Some(fd),
+            Err(e) => {
+                // Without its socket ours cannot bind the port: stop it
+                // first, at the cost of a gap.
+                tracing::warn!(pid = state.master, error = %e, "cannot take the running haproxy's listening socket; stopping it first (clients are refused until ours serves)");
+                self.retire_predecessor();
+                wait_gone(state.master, Duration::from_secs(5)).await;
+            }
+        }
+    }
+
+    /// Asks the predecessor's master to stop: its workers stop accepting,
+    /// finish their connections (`hard-stop-after` bounds it) and exit.
+    fn retire_predecessor(&mut self) {
+        if let Some(pid) = self.predecessor.take() {
+            // SAFETY: kill(2) of a pid checked above to be an HAProxy on our
+            // run dir's master socket.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR1) };
+            tracing::info!(pid, "the earlier haproxy finishes its connections and exits");
+        }
+    }
+
+    async fn spawn_and_wait(&mut self, listener: RawFd) -> Result<(), HaproxyError> {
         let _ = std::fs::remove_file(&self.paths.master_socket);
         let mut cmd = Command::new(&self.binary);
         cmd.arg("-W")
@@ -166,28 +266,9 @@ impl Haproxy {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // Read before the fork: after it, a parent that has died shows as
-        // another pid (init, a subreaper), never as this one.
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
-        // between fork and exec, and the error is built without allocating.
-        unsafe {
-            cmd.pre_exec(move || {
-                // If sherlock dies, even by SIGKILL, its HAProxy goes too:
-                // no orphan ever holds the port.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // Sherlock died before the prctl took effect. Not `== 1`:
-                // as a container's PID 1 sherlock *is* pid 1 (ARCHITECTURE.md,
-                // "sherlock as PID 1"), and an error with no errno would
-                // reach the caller as EINVAL.
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
+        // No PR_SET_PDEATHSIG: HAProxy outlives a killed sherlock and keeps
+        // serving, and the next sherlock takes it over (`find_predecessor`).
+        pass_listener(&mut cmd, listener);
         let mut child = cmd.spawn().map_err(|source| HaproxyError::Spawn { binary: self.binary.clone(), source })?;
         forward_logs(child.stdout.take());
         forward_logs(child.stderr.take());
@@ -306,13 +387,19 @@ impl Haproxy {
         self.child.is_some()
     }
 
-    /// Stops the master (and so its workers): SIGTERM, then SIGKILL.
+    /// Stops the master (and so its workers): SIGTERM, then SIGKILL; and a
+    /// predecessor not yet retired.
     pub async fn stop(&mut self) {
         self.restart_at = None;
         if self.child.is_some() {
             self.stop_child().await;
             tracing::info!("haproxy stopped");
         }
+        if let Some(pid) = self.predecessor.take() {
+            // SAFETY: as in `retire_predecessor`.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        self.listener = None;
     }
 
     async fn stop_child(&mut self) {
@@ -325,6 +412,89 @@ impl Haproxy {
             tracing::warn!("haproxy ignored SIGTERM for 5s; killing it");
             let _ = child.kill().await;
         }
+    }
+}
+
+/// Makes `listener` the child's descriptor [`LISTEN_FD`], open across exec.
+fn pass_listener(cmd: &mut Command, listener: RawFd) {
+    // SAFETY: dup2 and fcntl are async-signal-safe, and nothing else runs
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if listener != LISTEN_FD && libc::dup2(listener, LISTEN_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // dup2 clears close-on-exec, but not when the numbers match.
+            if libc::fcntl(LISTEN_FD, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A TCP socket of `addr`'s family, neither bound nor listening.
+fn unbound_socket(addr: SocketAddr) -> std::io::Result<OwnedFd> {
+    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: socket(2) returns a new descriptor we own, or -1.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A copy of the listening socket that `pid`'s HAProxy holds as
+/// [`LISTEN_FD`], if it is a TCP socket listening on `addr`.
+fn copy_listener(pid: u32, addr: SocketAddr) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open and pidfd_getfd return new descriptors we own, or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    // SAFETY: as above; the copy is close-on-exec by definition.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), LISTEN_FD, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `listening`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    let listener = std::net::TcpListener::from(fd);
+    let bound = listener.local_addr().ok();
+    if rc != 0 || listening == 0 || bound != Some(addr) {
+        return Err(std::io::Error::other(format!(
+            "its descriptor {LISTEN_FD} is not a socket listening on {addr} (bound to {bound:?})"
+        )));
+    }
+    Ok(OwnedFd::from(listener))
+}
+
+/// Waits until `pid` (not our child) has exited, for at most `limit`.
+async fn wait_gone(pid: u32, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    // A zombie still answers kill(2); its /proc state says Z.
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+            .unwrap_or(false)
+    };
+    while alive() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -375,7 +545,7 @@ mod tests {
             # old workers\n\
             3990            worker          1               0d00h00m43s     2.6.12-1+deb12u4\n\
             # programs\n\n";
-        assert_eq!(parse_show_proc(text), Some(ProcState { reloads: 1, failed: 0, workers: vec![4079] }));
+        assert_eq!(parse_show_proc(text), Some(ProcState { master: 3987, reloads: 1, failed: 0, workers: vec![4079] }));
         assert_eq!(parse_show_proc("garbage"), None);
     }
 }

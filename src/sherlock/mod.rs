@@ -115,7 +115,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
     let (applied_tx, applied_rx) = watch::channel(SnapshotId::default());
-    let haproxy = Haproxy::new(config.haproxy.clone(), paths);
+    let haproxy = Haproxy::new(config.haproxy.clone(), paths, config.listen);
     let mut applier = Applier::new(
         renderer,
         site,

@@ -349,7 +349,11 @@ pub struct ServerView {
 struct Context<'a> {
     index: u64,
     commit: Option<&'a str>,
-    bind: &'a str,
+    /// What the frontend binds: the listening socket sherlock holds and
+    /// passes to HAProxy (ARCHITECTURE.md, "The listening socket").
+    bind: String,
+    /// The address that socket listens on, e.g. `127.0.0.1:8000`.
+    listen: &'a str,
     admin_socket: String,
     services: Vec<ServiceView>,
 }
@@ -425,7 +429,8 @@ impl Renderer {
         let ctx = Context {
             index: snapshot.index,
             commit: snapshot.commit.as_deref(),
-            bind: &site.bind,
+            bind: format!("fd@{}", crate::sherlock::haproxy::LISTEN_FD),
+            listen: &site.bind,
             admin_socket: site.admin_socket.display().to_string(),
             services,
         };
@@ -612,7 +617,7 @@ mod tests {
         // Its own lines, values in them, and values through filters are fine;
         // no HTML escaping for all the file's name.
         let ok = render("bind {{ bind }}\n{% for s in services %}x {{ s.name | upper }} {{ s.backends | length }}\n{% endfor %}<&>\n");
-        assert_eq!(ok.unwrap(), "bind 127.0.0.1:8000\nx EMITTER 2\nx TRANSFORM 1\n<&>\n");
+        assert_eq!(ok.unwrap(), "bind fd@3\nx EMITTER 2\nx TRANSFORM 1\n<&>\n");
         for (text, holds) in [
             ("{{ bind ~ '\\n' }}", "'\\n'"),
             ("{{ bind ~ ' weight 9' }}", "' '"),

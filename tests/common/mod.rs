@@ -239,6 +239,19 @@ impl Instance {
     }
 }
 
+/// HAProxy outlives a sherlock killed by SIGKILL (ARCHITECTURE.md, "The
+/// listening socket"): whatever HAProxy still runs on this cluster's temp
+/// dir when it is dropped is ended with it.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        drop(self.sherlock.take());
+        for pid in haproxy_pids(self.dir.path()) {
+            // SAFETY: kill(2) of an HAProxy started on this test's temp dir.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 impl Drop for Instance {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {

@@ -69,6 +69,48 @@ pub fn keep_backends(previous: &Snapshot, next: &Snapshot) -> Snapshot {
     merged
 }
 
+/// HAProxy's name for a service's backend.
+pub fn backend_name(service: &str) -> String {
+    format!("svc_{service}")
+}
+
+/// Servers that HAProxy's own health check has marked down (backend,
+/// server), for instances the directory still lists.
+pub type Down = BTreeSet<(String, String)>;
+
+/// Gives each version's weight to its servers HAProxy has up: a server
+/// marked down by HAProxy's check (a dead or hung instance, before watson
+/// and the directory's TTL take it out of the snapshot) takes no traffic,
+/// and without this its share would go to the other versions (90/10
+/// reading 82/18 with two v1 servers) until the directory drops it. The
+/// down servers keep their weight, so one that comes back up takes its
+/// share again at once. A version with no server up is left as it is.
+pub fn spread_over_up(snapshot: &Snapshot, down: &Down) -> Snapshot {
+    let mut out = snapshot.clone();
+    if down.is_empty() {
+        return out;
+    }
+    for (name, svc) in out.services.iter_mut() {
+        let backend = backend_name(name.as_str());
+        let is_down = |b: &Backend| down.contains(&(backend.clone(), b.id.to_string()));
+        let versions: BTreeSet<Version> =
+            svc.backends.iter().filter(|b| b.weight > 0 && is_down(b)).map(|b| b.version.clone()).collect();
+        for version in versions {
+            let of_version = |b: &Backend| b.version == version && b.weight > 0;
+            let total: u32 = svc.backends.iter().filter(|b| of_version(b)).map(|b| b.weight).sum();
+            let up = svc.backends.iter().filter(|b| of_version(b) && !is_down(b)).count() as u32;
+            if up == 0 {
+                continue;
+            }
+            let each = total.div_ceil(up).clamp(1, MAX_BACKEND_WEIGHT);
+            for b in svc.backends.iter_mut().filter(|b| of_version(b) && !is_down(b)) {
+                b.weight = each;
+            }
+        }
+    }
+    out
+}
+
 /// A file sherlock could not write: the disk is full, the run dir is
 /// read-only. The running config stays; the next pass tries again.
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +208,8 @@ pub struct Applier {
     /// True when snapshot.json holds `applied`; false after a failed save,
     /// so the next pass saves it even if nothing else changed.
     saved: bool,
+    /// Servers HAProxy's health check has marked down ([`spread_over_up`]).
+    down: Down,
 }
 
 /// True when a Runtime API answer reports success. A command that succeeds
@@ -203,6 +247,7 @@ impl Applier {
             quiescence: Quiescence::new(coalesce, Duration::from_secs(1)),
             retries: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             saved: true,
+            down: Down::new(),
         }
     }
 
@@ -220,8 +265,8 @@ impl Applier {
             Ok(()) => {
                 self.metrics().observe_apply(waited);
                 self.retries.reset();
-                self.correct_drift().await;
-                None
+                // A server went down or up meanwhile: spread again at once.
+                self.correct_drift().await.then(Instant::now)
             }
             Err(e) => {
                 self.metrics().failed_applies.fetch_add(1, Ordering::Relaxed);
@@ -270,7 +315,7 @@ impl Applier {
     async fn apply_in_span(&mut self, next: &Snapshot) -> anyhow::Result<()> {
         let mine = next.for_client(Some(&self.client));
         let effective = if next.warming { keep_backends(&self.applied, &mine) } else { mine };
-        let candidate = self.renderer.render(&self.site, &effective)?;
+        let candidate = self.renderer.render(&self.site, &spread_over_up(&effective, &self.down))?;
         let changed = match render::diff(&self.running, &candidate) {
             None => {
                 tracing::debug!("config unchanged");
@@ -417,17 +462,19 @@ impl Applier {
 
     /// Reads the runtime state back and corrects anything that differs from
     /// the running config (an operator's `set server`, a lost command).
-    pub async fn correct_drift(&mut self) {
+    /// True when the servers HAProxy has down changed: a pass is due.
+    pub async fn correct_drift(&mut self) -> bool {
         if !self.haproxy.is_running() {
-            return;
+            return false;
         }
-        let Ok(text) = self.haproxy.runtime_command("show servers state").await else { return };
+        let Ok(text) = self.haproxy.runtime_command("show servers state").await else { return false };
         let actual = runtime::parse_servers_state(&text);
+        let down_changed = self.observe_down(&actual);
         let wanted = &self.running_shape.servers;
         let lines = self.draining.iter().map(|(k, d)| (k.clone(), d.line.clone())).collect();
         let fixes = runtime::drift(wanted, &actual, &lines);
         if fixes.is_empty() {
-            return;
+            return down_changed;
         }
         tracing::warn!(fixes = ?fixes, "haproxy's runtime state drifted from the config; correcting");
         self.metrics().drift_corrections.fetch_add(fixes.len() as u64, Ordering::Relaxed);
@@ -438,6 +485,33 @@ impl Applier {
                 tracing::error!(error = format!("{e:#}"), "reload after drift failed");
             }
         }
+        down_changed
+    }
+}
+
+impl Applier {
+    /// Reads which servers HAProxy's checks have down; true when that
+    /// changed, and the weights must be spread again ([`spread_over_up`]).
+    pub async fn observe_health(&mut self) -> bool {
+        if !self.haproxy.is_running() {
+            return false;
+        }
+        let Ok(text) = self.haproxy.runtime_command("show servers state").await else { return false };
+        self.observe_down(&runtime::parse_servers_state(&text))
+    }
+
+    fn observe_down(&mut self, actual: &BTreeMap<(String, String), runtime::ServerState>) -> bool {
+        let down: Down = actual
+            .iter()
+            .filter(|(key, state)| state.op == runtime::OP_STOPPED && !self.draining.contains_key(*key))
+            .map(|(key, _)| key.clone())
+            .collect();
+        if down == self.down {
+            return false;
+        }
+        tracing::info!(down = ?down, "servers marked down by haproxy's checks changed; their versions' weight goes to the servers up");
+        self.down = down;
+        true
     }
 }
 
@@ -605,5 +679,23 @@ mod tests {
         let next = weighted(1, true, &[("a", "v1", 90)]);
         let merged = keep_backends(&prev, &next);
         assert_eq!(weights(&merged), [("a".into(), 90), ("b".into(), 0), ("d".into(), 10)]);
+    }
+
+    #[test]
+    fn a_server_haproxy_has_down_gives_its_versions_weight_to_the_servers_up() {
+        let snapshot = weighted(5, false, &[("a", "v1", 45), ("b", "v1", 45), ("c", "v2", 5), ("d", "v2", 5)]);
+        let down = |ids: &[&str]| -> Down { ids.iter().map(|id| ("svc_barker".to_string(), id.to_string())).collect() };
+        assert_eq!(spread_over_up(&snapshot, &Down::new()), snapshot, "nothing down: as the directory says");
+        // v1 keeps its 90: b alone carries it; a keeps its weight, so it
+        // takes its share again the moment HAProxy has it up.
+        assert_eq!(
+            weights(&spread_over_up(&snapshot, &down(&["a"]))),
+            [("a".into(), 45), ("b".into(), 90), ("c".into(), 5), ("d".into(), 5)]
+        );
+        // A version with nothing up is left alone; another service's
+        // server of the same name is not this one.
+        assert_eq!(spread_over_up(&snapshot, &down(&["c", "d"])), snapshot);
+        let elsewhere: Down = [("svc_other".to_string(), "a".to_string())].into();
+        assert_eq!(spread_over_up(&snapshot, &elsewhere), snapshot);
     }
 }

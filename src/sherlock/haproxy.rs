@@ -102,6 +102,8 @@ pub struct Haproxy {
     /// stopped gracefully once ours serves.
     predecessor: Option<u32>,
     child: Option<Child>,
+    /// Notified when HAProxy logs a server going down or up.
+    pub server_changed: std::sync::Arc<tokio::sync::Notify>,
     /// Spaces out restarts of a master that keeps dying or failing to start.
     restarts: Backoff,
     /// When the next restart is due, while HAProxy is down.
@@ -153,7 +155,8 @@ impl Haproxy {
         // is served again within a second; a master that keeps failing is
         // tried every 10 s at most, for good.
         let restarts = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        Haproxy { binary, paths, listen, listener: None, predecessor: None, child: None, restarts, restart_at: None }
+        let server_changed = Default::default();
+        Haproxy { binary, paths, listen, listener: None, predecessor: None, child: None, server_changed, restarts, restart_at: None }
     }
 
     /// `haproxy -c` on a file: Ok, or the errors HAProxy printed.
@@ -270,8 +273,8 @@ impl Haproxy {
         // serving, and the next sherlock takes it over (`find_predecessor`).
         pass_listener(&mut cmd, listener);
         let mut child = cmd.spawn().map_err(|source| HaproxyError::Spawn { binary: self.binary.clone(), source })?;
-        forward_logs(child.stdout.take());
-        forward_logs(child.stderr.take());
+        forward_logs(child.stdout.take(), self.server_changed.clone());
+        forward_logs(child.stderr.take(), self.server_changed.clone());
         tracing::info!(pid = child.id(), config = %self.paths.config.display(), "haproxy started");
         self.child = Some(child);
 
@@ -515,12 +518,25 @@ pub async fn socket_command(socket: &Path, command: &str) -> Result<String, Hapr
     })
 }
 
-/// Copies HAProxy's own output into sherlock's log.
-fn forward_logs<R: tokio::io::AsyncRead + Unpin + Send + 'static>(pipe: Option<R>) {
+/// True for HAProxy's line on a server's health changing, e.g.
+/// `Server svc_barker/barker-v1-0001 is DOWN, reason: Layer4 ...`.
+fn is_server_change(line: &str) -> bool {
+    line.contains("Server svc_") && (line.contains(" is DOWN") || line.contains(" is UP"))
+}
+
+/// Copies HAProxy's own output into sherlock's log, and tells `server_changed`
+/// when a server goes down or up.
+fn forward_logs<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    pipe: Option<R>,
+    server_changed: std::sync::Arc<tokio::sync::Notify>,
+) {
     let Some(pipe) = pipe else { return };
     tokio::spawn(async move {
         let mut lines = BufReader::new(pipe).lines();
         while let Ok(Some(line)) = lines.next_line().await {
+            if is_server_change(&line) {
+                server_changed.notify_one();
+            }
             if line.contains("[ALERT]") {
                 tracing::error!(target: "haproxy", "{line}");
             } else if line.contains("[WARNING]") {

@@ -142,6 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (tx, mut rx) = watch::channel::<Option<Snapshot>>(None);
     let subscriber = tokio::spawn(subscriber::run(config.clone(), tx, applied_rx, shared.clone(), shutdown.clone()));
 
+    let server_changed = applier.haproxy.server_changed.clone();
     let mut reap_every = tokio::time::interval(REAP_EVERY);
     let mut drift_every = tokio::time::interval(DRIFT_EVERY);
     drift_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -173,7 +174,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 };
             }
             _ = reap_every.tick() => applier.reap().await,
-            _ = drift_every.tick() => applier.correct_drift().await,
+            _ = drift_every.tick() => {
+                if applier.correct_drift().await {
+                    apply_at = Some(std::time::Instant::now());
+                }
+            }
+            // HAProxy logged a server going down or up: its version's
+            // weight is spread again over the servers up (applier.rs).
+            _ = server_changed.notified() => {
+                if applier.observe_health().await {
+                    apply_at = Some(std::time::Instant::now());
+                }
+            }
             exited = applier.haproxy.restart_due() => {
                 // A signal may have reached HAProxy and sherlock together.
                 if shutdown.is_cancelled() { break }

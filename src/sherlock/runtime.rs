@@ -163,6 +163,8 @@ pub fn plan(running: &Shape, candidate: &Shape, draining: &BTreeMap<(String, Str
 /// One server as `show servers state` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerState {
+    /// srv_op_state: 0 stopped (down by its health check), 2 running.
+    pub op: u32,
     pub weight: u32,
     /// srv_admin_state: bit 0x01 forced maintenance, 0x08 forced drain.
     pub admin: u32,
@@ -177,12 +179,15 @@ pub fn parse_servers_state(text: &str) -> BTreeMap<(String, String), ServerState
         if f.len() < 8 {
             continue;
         }
-        if let (Ok(admin), Ok(weight)) = (f[6].parse(), f[7].parse()) {
-            out.insert((f[1].to_string(), f[3].to_string()), ServerState { weight, admin });
+        if let (Ok(op), Ok(admin), Ok(weight)) = (f[5].parse(), f[6].parse(), f[7].parse()) {
+            out.insert((f[1].to_string(), f[3].to_string()), ServerState { op, weight, admin });
         }
     }
     out
 }
+
+/// srv_op_state of a server its health check has marked down.
+pub const OP_STOPPED: u32 = 0;
 
 /// Forced maintenance and forced drain, as set by the Runtime API.
 pub const ADMIN_FORCED_MAINT: u32 = 0x01;
@@ -309,7 +314,7 @@ mod tests {
                     3 svc_a 2 s2 127.0.0.1 2 1 1 1 0\n\
                     3 svc_a 3 s9 127.0.0.1 2 0 1 1 0\n";
         let actual = parse_servers_state(text);
-        assert_eq!(actual[&("svc_a".to_string(), "s2".to_string())], ServerState { weight: 1, admin: 1 });
+        assert_eq!(actual[&("svc_a".to_string(), "s2".to_string())], ServerState { op: 2, weight: 1, admin: 1 });
         let fixes = drift(&wanted, &actual, &BTreeMap::new());
         assert_eq!(
             fixes,

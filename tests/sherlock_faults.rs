@@ -514,3 +514,44 @@ async fn a_hung_instance_is_taken_out_and_holds_no_request_for_long() {
     }
     assert!(failed.iter().all(|(sent, _, _)| *sent <= out_at), "{failed:?}");
 }
+
+/// (`srv_op_state`, weight) of the server at `port` in `backend`.
+fn op_and_weight(run_dir: &Path, backend: &str, port: u16) -> Option<(u32, u32)> {
+    let text = socket_command(&run_dir.join("admin.sock"), &format!("show servers state {backend}"));
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 18 && f[18] == port.to_string()).then(|| Some((f[5].parse().ok()?, f[7].parse().ok()?))).flatten()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_haproxy_has_down_hands_its_weight_to_its_versions_servers_up() {
+    let cluster = Cluster::start().await;
+    // Watson checks elsewhere, so the directory lists a dead instance on:
+    // what a dead host looks like until its TTL runs out.
+    let health = Instance::start("health").await;
+    let check = health.url("/status/liveness_check");
+    let mut a = Instance::start("v1-a").await;
+    let b = Instance::start("v1-b").await;
+    let c = Instance::start("v2-c").await;
+    let _watsons: Vec<Proc> = [(&a, "v1"), (&b, "v1"), (&c, "v2")]
+        .iter()
+        .map(|(i, v)| cluster.watson("emitter", &i.url("/emitter"), &["--version", v, "--check-url", &check]))
+        .collect();
+    cluster.wait_for_instances("emitter", 3).await;
+    let run_dir = cluster.run_dir(cluster.sherlock_port);
+    let state = |port| op_and_weight(&run_dir, "svc_emitter", port).expect("the server in HAProxy");
+    let (b_before, c_before) = (state(b.port).1, state(c.port).1);
+    assert_eq!(state(a.port).1, b_before, "v1's share split over a and b");
+
+    a.kill().await;
+    let b_after = eventually(Duration::from_secs(15), "b to carry v1's whole share", async || {
+        let (a_op, _) = state(a.port);
+        let (_, b_weight) = state(b.port);
+        (a_op == 0 && b_weight != b_before).then_some(b_weight)
+    })
+    .await;
+    assert_eq!(b_after, 2 * b_before, "v1's whole weight on b");
+    assert_eq!(state(c.port).1, c_before, "v2 as it was");
+    assert_eq!(cluster.status().await["instances"].as_array().unwrap().len(), 3, "the directory still lists a");
+}

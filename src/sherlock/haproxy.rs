@@ -156,7 +156,17 @@ impl Haproxy {
         // tried every 10 s at most, for good.
         let restarts = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let server_changed = Default::default();
-        Haproxy { binary, paths, listen, listener: None, predecessor: None, child: None, server_changed, restarts, restart_at: None }
+        Haproxy {
+            binary,
+            paths,
+            listen,
+            listener: None,
+            predecessor: None,
+            child: None,
+            server_changed,
+            restarts,
+            restart_at: None,
+        }
     }
 
     /// `haproxy -c` on a file: Ok, or the errors HAProxy printed.

@@ -11,8 +11,8 @@
 //! Layers, each using only those above it (ARCHITECTURE.md draws them):
 //!
 //! 1. [`model`]: names, versions, URLs, the heartbeat and the snapshot;
-//!    shared helpers with no domain ([`fnv`], [`backoff`], [`prometheus`],
-//!    [`config_file`], [`secret`], [`private_dir`], [`tls`]).
+//!    shared helpers with no domain ([`fnv`], [`backoff`], [`metrics`],
+//!    [`build_info`], [`config_file`], [`secret`], [`private_dir`], [`tls`]).
 //! 2. [`routes`]: the desired state, read and validated from YAML, and the
 //!    weight arithmetic; [`gitsync`] reads it from git.
 //! 3. [`protocol`]: the `/v1` wire types both sides speak.
@@ -20,15 +20,16 @@
 //! 5. The daemons and the CLI: [`directory`], [`watson`], [`sherlock`], [`dw`].
 
 pub mod backoff;
+pub mod build_info;
 pub mod client;
 pub mod config_file;
 pub mod directory;
 pub mod dw;
 pub mod fnv;
 pub mod gitsync;
+pub mod metrics;
 pub mod model;
 pub mod private_dir;
-pub mod prometheus;
 pub mod protocol;
 pub mod routes;
 pub mod secret;

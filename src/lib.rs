@@ -12,7 +12,8 @@
 //!
 //! 1. [`model`]: names, versions, URLs, the heartbeat and the snapshot;
 //!    shared helpers with no domain ([`fnv`], [`backoff`], [`metrics`],
-//!    [`build_info`], [`config_file`], [`secret`], [`private_dir`], [`tls`]).
+//!    [`logging`], [`build_info`], [`config_file`], [`secret`],
+//!    [`private_dir`], [`tls`]).
 //! 2. [`routes`]: the desired state, read and validated from YAML, and the
 //!    weight arithmetic; [`gitsync`] reads it from git.
 //! 3. [`protocol`]: the `/v1` wire types both sides speak.
@@ -27,6 +28,7 @@ pub mod directory;
 pub mod dw;
 pub mod fnv;
 pub mod gitsync;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod private_dir;
@@ -38,15 +40,6 @@ pub mod tls;
 pub mod watson;
 
 use tokio_util::sync::CancellationToken;
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
-    let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-}
 
 /// A token cancelled on the first SIGINT or SIGTERM: both shut down gracefully.
 pub fn shutdown_on_signals() -> CancellationToken {

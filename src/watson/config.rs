@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use crate::client::ClientFlags;
 use crate::config_file::{self, FileError, Seconds};
+use crate::logging::LogFlags;
 use crate::model::{DirectoryAddr, InstanceUrl, ServiceName, Version};
 use crate::secret::{self, Secret, SecretError};
 use crate::tls::{ClientTls, ClientTlsFiles, TlsError};
@@ -24,7 +25,9 @@ const DEFAULT_PERIOD: Duration = Duration::from_secs(3);
 /// Seed form: `watson -d //services/directory //services/emitter http://vm101/emitter 3`.
 /// With no positional arguments, reads the config file (-c).
 #[derive(Debug, Default, clap::Parser)]
-#[command(name = "watson", about, disable_version_flag = true)]
+// `--version VERSION` is the instance's version (dstack's seed form), so
+// clap's own flag is off; `-V`, or `--version` with no value, prints ours.
+#[command(name = "watson", about, version = crate::build_info::VERSION_LINE, disable_version_flag = true)]
 pub struct Args {
     /// A directory to heartbeat to (repeat for several): http://host:port,
     /// host:port, host or //host/directory.
@@ -38,9 +41,13 @@ pub struct Args {
     /// the TTL is 3x this. A directory whose --max-ttl is shorter gets
     /// heartbeats often enough to fit it (checks keep this period).
     pub period: Option<String>,
-    /// The version this instance runs (routes give versions their weights) [default: v1].
-    #[arg(long, id = "instance_version")]
-    pub version: Option<String>,
+    /// The version this instance runs (routes give versions their weights)
+    /// [default: v1]; with no value, prints watson's own version, as -V does.
+    #[arg(long, id = "instance_version", value_name = "VERSION", num_args = 0..=1)]
+    pub version: Option<Option<String>>,
+    /// Print watson's version and the git commit it was built from.
+    #[arg(short = 'V')]
+    pub print_version: bool,
     /// The liveness URL; default <URL>/liveness_check. 2xx is alive.
     #[arg(long)]
     pub check_url: Option<String>,
@@ -59,9 +66,19 @@ pub struct Args {
     /// The config file read when no service is given on the command line.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// How and how much it logs.
+    #[command(flatten)]
+    pub log: LogFlags,
     /// $DSTACK_TOKEN, read by [`load`].
     #[arg(skip)]
     pub env_token: Option<Secret>,
+}
+
+impl Args {
+    /// `-V`, or `--version` with no value: print watson's version, not run.
+    pub fn wants_own_version(&self) -> bool {
+        self.print_version || matches!(self.version, Some(None))
+    }
 }
 
 /// Why watson's settings were refused.
@@ -267,6 +284,7 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
             let period = parse_period(period).map_err(|e| flag(format!("PERIOD: {e}")))?;
             let version = args
                 .version
+                .flatten()
                 .as_deref()
                 .map(str::parse::<Version>)
                 .transpose()

@@ -50,7 +50,7 @@ impl Default for Metrics {
         let mut registry = Registry::default();
         let info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
         info.get_or_create(&vec![("version", build_info::VERSION), ("commit", build_info::COMMIT)]).set(1);
-        registry.register("dstack_build_info", "The version and git commit running (always 1).", info);
+        registry.register("dstack_build_info", "The version and git commit running (always 1)", info);
         Metrics { registry }
     }
 }
@@ -59,14 +59,14 @@ impl Metrics {
     /// A counter; `name` without its `_total` suffix, which the encoders add.
     pub fn counter(&mut self, name: &str, help: &str) -> Counter {
         let counter = Counter::default();
-        self.registry.register(name, help, counter.clone());
+        self.registry.register(name, sentence(help), counter.clone());
         counter
     }
 
     /// A value that goes up and down.
     pub fn gauge(&mut self, name: &str, help: &str) -> IntGauge {
         let gauge = IntGauge::default();
-        self.registry.register(name, help, gauge.clone());
+        self.registry.register(name, sentence(help), gauge.clone());
         gauge
     }
 
@@ -74,7 +74,7 @@ impl Metrics {
     /// the unit adds.
     pub fn seconds(&mut self, name: &str, help: &str) -> Seconds {
         let histogram = Seconds::default();
-        self.registry.register_with_unit(name, help, Unit::Seconds, histogram.0.clone());
+        self.registry.register_with_unit(name, sentence(help), Unit::Seconds, histogram.0.clone());
         histogram
     }
 
@@ -91,6 +91,11 @@ impl Metrics {
             (prometheus_text::CONTENT_TYPE, out)
         }
     }
+}
+
+/// A help text without its final period: the encoders add one.
+fn sentence(help: &str) -> &str {
+    help.strip_suffix('.').unwrap_or(help)
 }
 
 /// The OpenMetrics 1.0 text format's content type.
@@ -123,6 +128,8 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
         }
+        // One period: the encoder adds it to a help text without one.
+        assert!(text.lines().any(|l| l == "# HELP dstack_test_things_total Things."), "{text}");
         let build =
             format!("dstack_build_info{{version=\"{}\",commit=\"{}\"}} 1", build_info::VERSION, build_info::COMMIT);
         assert!(text.lines().any(|l| l == build), "{build} missing from:\n{text}");

@@ -61,9 +61,8 @@ fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
 fn check_exposition(text: &str, openmetrics: bool) -> Result<BTreeMap<String, Family>, String> {
     let mut families: BTreeMap<String, Family> = BTreeMap::new();
     let mut current: Option<String> = None;
-    let mut lines = text.lines().enumerate().peekable();
     let mut saw_eof = false;
-    while let Some((n, line)) = lines.next() {
+    for (n, line) in text.lines().enumerate() {
         let at = |m: String| format!("line {}: {m}: {line:?}", n + 1);
         if saw_eof {
             return Err(at("a line after # EOF".into()));

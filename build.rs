@@ -21,6 +21,13 @@ fn main() {
 /// move when it changes: HEAD (a checkout, a branch switch) and the branch's
 /// ref (a commit), loose or packed.
 fn from_git() -> Option<String> {
+    // Only this crate's own checkout: a source tarball unpacked inside
+    // another repository must not take that repository's commit.
+    let top = PathBuf::from(git(&["rev-parse", "--show-toplevel"])?);
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR")?);
+    if top.canonicalize().ok()? != manifest.canonicalize().ok()? {
+        return None;
+    }
     let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
     // A worktree keeps HEAD in its own git dir, refs in the common one.
     let git_dir = PathBuf::from(git(&["rev-parse", "--absolute-git-dir"])?);

@@ -180,12 +180,15 @@ async fn scrape(http: &reqwest::Client, url: &str, accept: &str) -> (String, Str
 async fn every_daemon_s_metrics_parse_with_build_info_histograms_and_a_readme_entry() {
     let cluster = Cluster::start().await;
     let instance = Instance::start("a").await;
-    let _watson = cluster.watson("alpha", &instance.url("/alpha"), &[]);
+    let watson_port = free_port();
+    let watson_listen = format!("127.0.0.1:{watson_port}");
+    let _watson = cluster.watson("alpha", &instance.url("/alpha"), &["--metrics", &watson_listen]);
     // Applied by the sherlock and reported back: every histogram has a sample.
     cluster.wait_for_instances("alpha", 1).await;
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let sherlock = format!("http://127.0.0.1:{}/metrics", cluster.admin_port(cluster.sherlock_port));
     let directory = format!("{}/metrics", cluster.directory_url());
+    let watson = format!("http://{watson_listen}/metrics");
     let want_build = BTreeMap::from([
         ("version".to_string(), env!("CARGO_PKG_VERSION").to_string()),
         ("commit".to_string(), env!("DSTACK_GIT_COMMIT").to_string()),
@@ -193,6 +196,7 @@ async fn every_daemon_s_metrics_parse_with_build_info_histograms_and_a_readme_en
     for (url, histograms) in [
         (&directory, &["dstack_directory_heartbeat_seconds", "dstack_directory_snapshot_propagation_seconds"][..]),
         (&sherlock, &["dstack_sherlock_apply_seconds"][..]),
+        (&watson, &["dstack_watson_check_seconds", "dstack_watson_heartbeat_seconds"][..]),
     ] {
         // Prometheus asks for OpenMetrics first; curl asks for anything.
         let prometheus_accept = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.3";

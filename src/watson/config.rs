@@ -4,6 +4,7 @@
 //! services dir, merged by [`resolve`]: `-d` flags beat the file's
 //! directories, positional arguments replace the file's services.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -63,6 +64,9 @@ pub struct Args {
     /// The directory's token and TLS files.
     #[command(flatten)]
     pub access: ClientFlags,
+    /// Where /metrics is served (host:port, e.g. 127.0.0.1:8002), or off [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// The config file read when no service is given on the command line.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
@@ -166,6 +170,8 @@ pub struct Config {
     pub tls: ClientTls,
     /// TLS for https:// check URLs: the system's roots and `--ca-file`.
     pub check_tls: ClientTls,
+    /// Where `/metrics` is served; None (the default) serves none.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `/etc/datawire/watson.yaml`.
@@ -185,6 +191,9 @@ pub struct FileConfig {
     pub client_cert: Option<PathBuf>,
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// As --metrics.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// One file in the services dir.
@@ -272,6 +281,7 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
         }
     }
     let token_file = files.as_ref().and_then(|f| f.config.token_file.clone());
+    let file_metrics = files.as_ref().and_then(|f| f.config.metrics.clone());
     let file_tls = files.as_ref().map_or_else(ClientTlsFiles::default, |f| ClientTlsFiles {
         ca_file: f.config.ca_file.clone(),
         client_cert: f.config.client_cert.clone(),
@@ -317,7 +327,14 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
     let tls_files = ClientTlsFiles::resolve(flag_tls, file_tls)?;
     let tls = ClientTls::for_directory(&tls_files)?;
     let check_tls = ClientTls::for_checks(tls_files.ca_file.as_deref())?;
-    Ok(Config { directories, services, token, tls, check_tls })
+    let metrics = match args.metrics.as_deref().or(file_metrics.as_deref()) {
+        None | Some("off" | "none") => None,
+        Some(raw) => Some(
+            raw.parse::<SocketAddr>()
+                .map_err(|_| flag(format!("--metrics {raw:?}: expected host:port such as 127.0.0.1:8002, or off")))?,
+        ),
+    };
+    Ok(Config { directories, services, token, tls, check_tls, metrics })
 }
 
 #[cfg(test)]
@@ -373,6 +390,7 @@ mod tests {
                 ca_file: None,
                 client_cert: None,
                 client_key: None,
+                metrics: None,
             },
             services: vec![(
                 tmp.path().join("e.yaml"),
@@ -406,6 +424,7 @@ mod tests {
                 ca_file: None,
                 client_cert: None,
                 client_key: None,
+                metrics: None,
             },
             services: vec![(tmp.path().join("e.yaml"), config_file::load(&tmp.path().join("e.yaml")).unwrap())],
         };
@@ -436,6 +455,7 @@ mod tests {
                 ca_file: Some("/file/ca.pem".into()),
                 client_cert: None,
                 client_key: Some("/file/client.key".into()),
+                metrics: None,
             },
             services: vec![(tmp.path().join("e.yaml"), config_file::load(&tmp.path().join("e.yaml")).unwrap())],
         };
@@ -495,5 +515,31 @@ mod tests {
         .unwrap();
         let err = load(&cfg).unwrap_err().to_string();
         assert!(err.contains("emitter.yaml:") && err.contains("invalid version"), "{err}");
+    }
+
+    #[test]
+    fn metrics_come_from_the_flag_then_the_file_and_are_off_by_default() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("e.yaml"), "name: emitter\nurl: http://vm101/emitter\n").unwrap();
+        let files = |metrics: Option<&str>| Files {
+            path: "watson.yaml".into(),
+            config: FileConfig {
+                directories: vec!["d".parse().unwrap()],
+                services_dir: None,
+                token_file: None,
+                ca_file: None,
+                client_cert: None,
+                client_key: None,
+                metrics: metrics.map(String::from),
+            },
+            services: vec![(tmp.path().join("e.yaml"), config_file::load(&tmp.path().join("e.yaml")).unwrap())],
+        };
+        let metrics = |flags: &[&str], file: Option<&str>| resolve(args(flags), Some(files(file))).map(|c| c.metrics);
+        assert_eq!(metrics(&[], None).unwrap(), None);
+        assert_eq!(metrics(&[], Some("127.0.0.1:8002")).unwrap(), Some("127.0.0.1:8002".parse().unwrap()));
+        assert_eq!(metrics(&["--metrics", "off"], Some("127.0.0.1:8002")).unwrap(), None);
+        assert_eq!(metrics(&["--metrics", "[::1]:9"], None).unwrap(), Some("[::1]:9".parse().unwrap()));
+        let err = metrics(&["--metrics", "8002"], None).unwrap_err().to_string();
+        assert!(err.contains("--metrics \"8002\": expected host:port such as 127.0.0.1:8002, or off"), "{err}");
     }
 }

@@ -11,8 +11,9 @@
 //! Layers, each using only those above it (ARCHITECTURE.md draws them):
 //!
 //! 1. [`model`]: names, versions, URLs, the heartbeat and the snapshot;
-//!    shared helpers with no domain ([`fnv`], [`backoff`], [`prometheus`],
-//!    [`config_file`], [`secret`], [`private_dir`], [`tls`]).
+//!    shared helpers with no domain ([`fnv`], [`backoff`], [`metrics`],
+//!    [`logging`], [`build_info`], [`config_file`], [`secret`],
+//!    [`private_dir`], [`tls`]).
 //! 2. [`routes`]: the desired state, read and validated from YAML, and the
 //!    weight arithmetic; [`gitsync`] reads it from git.
 //! 3. [`protocol`]: the `/v1` wire types both sides speak.
@@ -20,15 +21,17 @@
 //! 5. The daemons and the CLI: [`directory`], [`watson`], [`sherlock`], [`dw`].
 
 pub mod backoff;
+pub mod build_info;
 pub mod client;
 pub mod config_file;
 pub mod directory;
 pub mod dw;
 pub mod fnv;
 pub mod gitsync;
+pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod private_dir;
-pub mod prometheus;
 pub mod protocol;
 pub mod routes;
 pub mod secret;
@@ -37,15 +40,6 @@ pub mod tls;
 pub mod watson;
 
 use tokio_util::sync::CancellationToken;
-
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal as _;
-    let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-}
 
 /// A token cancelled on the first SIGINT or SIGTERM: both shut down gracefully.
 pub fn shutdown_on_signals() -> CancellationToken {

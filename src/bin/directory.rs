@@ -7,14 +7,16 @@ use dstack::directory::config::{self, Args};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match config::load(Args::parse()) {
+    let args = Args::parse();
+    let log = args.log.clone();
+    let config = match config::load(args) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("directory: {e}");
             return ExitCode::from(2);
         }
     };
-    dstack::init_tracing();
+    dstack::logging::init(&log);
     match dstack::directory::run(config, dstack::shutdown_on_signals()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,7 +6,9 @@ use clap::Parser;
 use dstack::sherlock::config::{self, Args};
 
 fn main() -> ExitCode {
-    let config = match config::load(Args::parse()) {
+    let args = Args::parse();
+    let log = args.log.clone();
+    let config = match config::load(args) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("sherlock: {e}");
@@ -23,7 +25,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        dstack::init_tracing();
+        dstack::logging::init(&log);
         match dstack::sherlock::run(config, dstack::shutdown_on_signals()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -13,14 +13,13 @@
 use std::fmt::Write as _;
 use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -31,7 +30,6 @@ use super::auth::{Action, Caller, Denied, Unauthenticated};
 use super::limits::{check_address, Network};
 use super::{Directory, Full};
 use crate::model::{ClientName, Heartbeat, InstanceId, InstanceUrl, Snapshot, SnapshotId};
-use crate::prometheus::{Exposition, CONTENT_TYPE};
 use crate::protocol::{ErrorBody, InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck, MAX_WAIT};
 
 /// Heartbeats are tiny; anything larger is a mistake or an attack.
@@ -262,9 +260,9 @@ async fn count_refusals(State(directory): State<Arc<Directory>>, req: Request, n
     let resp = next.run(req).await;
     let status = resp.status();
     if status.is_client_error() {
-        directory.metrics.bad_requests.fetch_add(1, Ordering::Relaxed);
+        directory.metrics.bad_requests.inc();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            directory.metrics.auth_refusals.fetch_add(1, Ordering::Relaxed);
+            directory.metrics.auth_refusals.inc();
             // Who was refused shows in the caller's own error; here, which
             // endpoint was tried, for an operator watching for intruders.
             tracing::info!(%status, %method, %path, "refused by auth");
@@ -298,6 +296,19 @@ async fn put_instance(
     Allowed(caller, _): Allowed<WriteAccess>,
     PathId(id): PathId,
     JsonBody(heartbeat): JsonBody<Heartbeat>,
+) -> Result<Json<WriteAck>, ApiError> {
+    let started = std::time::Instant::now();
+    let answer = register(&directory, caller, id, heartbeat).await;
+    directory.metrics.heartbeat.observe(started.elapsed());
+    answer
+}
+
+/// A heartbeat's checks and its registration.
+async fn register(
+    directory: &Directory,
+    caller: Caller,
+    id: InstanceId,
+    heartbeat: Heartbeat,
 ) -> Result<Json<WriteAck>, ApiError> {
     let max_ttl_ms = directory.config.max_ttl.as_millis() as u64;
     let max_ttl_ms = max_ttl_ms.max(MIN_TTL_MS);
@@ -480,44 +491,14 @@ async fn index_page(State(directory): State<Arc<Directory>>, _: Allowed<ReadAcce
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], page)
 }
 
-async fn metrics(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> impl IntoResponse {
-    let m = &directory.metrics;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let mut out = Exposition::default();
-    out.counter("dstack_directory_heartbeats_total", "Heartbeats accepted.", get(&m.heartbeats));
-    out.counter(
-        "dstack_directory_deregistrations_total",
-        "Instances deregistered by their watson.",
-        get(&m.deregistrations),
-    );
-    out.counter("dstack_directory_expiries_total", "Instances expired for lack of heartbeats.", get(&m.expiries));
-    out.counter("dstack_directory_snapshots_published_total", "Snapshots published.", get(&m.snapshots_published));
-    out.counter("dstack_directory_bad_requests_total", "Requests refused with a 4xx.", get(&m.bad_requests));
-    out.counter(
-        "dstack_directory_auth_refusals_total",
-        "Requests refused for a missing or invalid token (401) or one outside its role (403).",
-        get(&m.auth_refusals),
-    );
-    out.counter("dstack_directory_reconciles_total", "Reconciles of the routes repo.", get(&m.reconciles));
-    out.counter(
-        "dstack_directory_rejected_commits_total",
-        "Routes commits rejected by validation.",
-        get(&m.rejected_commits),
-    );
-    out.gauge("dstack_directory_snapshot_index", "Index of the snapshot served.", directory.snapshot().index);
-    out.gauge("dstack_directory_instances", "Live instances.", directory.instance_count());
-    out.gauge("dstack_directory_connections_open", "Connections open now.", get(&m.connections_open));
-    out.counter(
-        "dstack_directory_connections_refused_total",
-        "Connections answered 503 at limits.max_connections.",
-        get(&m.connections_refused),
-    );
-    out.counter(
-        "dstack_directory_tls_handshake_failures_total",
-        "TLS handshakes that failed or were not done within limits.header_read_timeout.",
-        get(&m.tls_handshake_failures),
-    );
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], out.finish())
+async fn metrics(
+    State(directory): State<Arc<Directory>>,
+    _: Allowed<ReadAccess>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
+    let (kind, body) = directory.render_metrics(accept);
+    ([(header::CONTENT_TYPE, kind)], body)
 }
 
 #[cfg(test)]
@@ -724,7 +705,7 @@ mod tests {
             assert_eq!(status, want, "{method} {uri}");
             assert!(json["error"].as_str().is_some_and(|e| !e.is_empty()), "{method} {uri}: {json}");
         }
-        assert_eq!(directory.metrics.bad_requests.load(Ordering::Relaxed), cases.len() as u64);
+        assert_eq!(directory.metrics.bad_requests.get(), cases.len() as u64);
     }
 
     #[tokio::test]
@@ -981,8 +962,8 @@ mod tests {
                 assert!(error.contains("not valid") && !error.contains("not-a-token"), "{error}");
             }
             let refused = 2 * endpoints.len() as u64;
-            assert_eq!(directory.metrics.bad_requests.load(Ordering::Relaxed), refused);
-            assert_eq!(directory.metrics.auth_refusals.load(Ordering::Relaxed), refused);
+            assert_eq!(directory.metrics.bad_requests.get(), refused);
+            assert_eq!(directory.metrics.auth_refusals.get(), refused);
             assert_eq!(directory.instance_count(), 0);
         }
 

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::limits::{Limits, Network};
 use crate::config_file::{self, FileError, Seconds};
 use crate::gitsync::RepoUrl;
+use crate::logging::LogFlags;
 use crate::model::DirectoryAddr;
 use crate::tls::ServerTlsFiles;
 
@@ -32,7 +33,7 @@ const MIN_POLL: Duration = Duration::from_millis(100);
 
 /// Keeps the registry of live service instances and serves snapshots to sherlocks.
 #[derive(Debug, Default, clap::Parser)]
-#[command(name = "directory", version, about)]
+#[command(name = "directory", version = crate::build_info::VERSION_LINE, about)]
 pub struct Args {
     /// The name this directory reports (dstack's `-n services`) [default: services].
     #[arg(short = 'n', long)]
@@ -109,6 +110,9 @@ pub struct Args {
     /// A YAML file with any of the settings above (flags win).
     #[arg(short = 'c', long)]
     pub config: Option<PathBuf>,
+    /// How and how much it logs.
+    #[command(flatten)]
+    pub log: LogFlags,
 }
 
 /// The config file's form: the flags' names, in snake case.

@@ -12,8 +12,9 @@ pub mod registry;
 pub mod serve;
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{AuthMode, Config, RepoConfig};
 
+use crate::metrics::{self, Counter, IntGauge, Seconds};
 use crate::model::{ClientName, Heartbeat, InstanceId, ServiceName, Snapshot, SnapshotId};
 use crate::protocol::{InstanceStatus, Rejected, RoutesStatus, SherlockStatus, WriteAck};
 use crate::routes::RouteSet;
@@ -52,26 +54,82 @@ pub struct SherlockSeen {
     pub last_seen: Instant,
 }
 
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
+/// What the directory counts and times for `/metrics`; README.md
+/// ("Metrics") lists them with their Prometheus names.
+#[derive(Debug)]
 pub struct Metrics {
-    pub heartbeats: AtomicU64,
-    pub deregistrations: AtomicU64,
-    pub expiries: AtomicU64,
-    pub snapshots_published: AtomicU64,
-    pub bad_requests: AtomicU64,
-    pub reconciles: AtomicU64,
-    pub rejected_commits: AtomicU64,
+    pub heartbeats: Counter,
+    pub deregistrations: Counter,
+    pub expiries: Counter,
+    pub snapshots_published: Counter,
+    pub bad_requests: Counter,
+    pub reconciles: Counter,
+    pub rejected_commits: Counter,
     /// Refusals for a missing or wrong token (401) or role (403); also
     /// counted in `bad_requests`.
-    pub auth_refusals: AtomicU64,
+    pub auth_refusals: Counter,
     /// Connections open now (kept by the serving layer).
-    pub connections_open: AtomicU64,
+    pub connections_open: IntGauge,
     /// Connections refused at `limits.max_connections`.
-    pub connections_refused: AtomicU64,
+    pub connections_refused: Counter,
     /// TLS handshakes that failed (a client's untrusted or missing
     /// certificate, a wrong CA) or were not done in time.
-    pub tls_handshake_failures: AtomicU64,
+    pub tls_handshake_failures: Counter,
+    /// Set at every scrape: a gauge read from the state it reports.
+    snapshot_index: IntGauge,
+    instances: IntGauge,
+    sherlocks: IntGauge,
+    /// One fetch and validation of the routes repo.
+    pub reconcile: Seconds,
+    /// One `PUT /v1/instances/{id}`, from its decoded body to its answer.
+    pub heartbeat: Seconds,
+    /// From publishing a snapshot to a sherlock reporting it applied.
+    propagation: Seconds,
+    registry: metrics::Metrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = metrics::Metrics::default();
+        Metrics {
+            heartbeats: r.counter("dstack_directory_heartbeats", "Heartbeats accepted."),
+            deregistrations: r.counter("dstack_directory_deregistrations", "Instances deregistered by their watson."),
+            expiries: r.counter("dstack_directory_expiries", "Instances expired for lack of heartbeats."),
+            snapshots_published: r.counter("dstack_directory_snapshots_published", "Snapshots published."),
+            bad_requests: r.counter("dstack_directory_bad_requests", "Requests refused with a 4xx."),
+            auth_refusals: r.counter(
+                "dstack_directory_auth_refusals",
+                "Requests refused for a missing or invalid token (401) or one outside its role (403).",
+            ),
+            reconciles: r.counter("dstack_directory_reconciles", "Reconciles of the routes repo."),
+            rejected_commits: r.counter("dstack_directory_rejected_commits", "Routes commits rejected by validation."),
+            snapshot_index: r.gauge("dstack_directory_snapshot_index", "Index of the snapshot served."),
+            instances: r.gauge("dstack_directory_instances", "Live instances."),
+            sherlocks: r.gauge("dstack_directory_sherlocks", "Sherlocks that asked for a snapshot in the last 10 minutes."),
+            connections_open: r.gauge("dstack_directory_connections_open", "Connections open now."),
+            connections_refused: r.counter(
+                "dstack_directory_connections_refused",
+                "Connections answered 503 at limits.max_connections.",
+            ),
+            tls_handshake_failures: r.counter(
+                "dstack_directory_tls_handshake_failures",
+                "TLS handshakes that failed or were not done within limits.header_read_timeout.",
+            ),
+            reconcile: r.seconds(
+                "dstack_directory_reconcile",
+                "Time to fetch and validate the routes repo, failed attempts included.",
+            ),
+            heartbeat: r.seconds(
+                "dstack_directory_heartbeat",
+                "Time to handle a heartbeat, from its decoded body to the answer (a new instance's DNS check included).",
+            ),
+            propagation: r.seconds(
+                "dstack_directory_snapshot_propagation",
+                "Time from publishing a snapshot to a sherlock reporting it applied (its next blocking query).",
+            ),
+            registry: r,
+        }
+    }
 }
 
 /// Mutable state, behind one std `Mutex`: every critical section is short
@@ -89,7 +147,13 @@ struct Inner {
     /// A commit and its history's length; published with the commit in
     /// force when they match.
     commit_count: Option<(String, u64)>,
+    /// When the newest snapshots were published (index, time), oldest
+    /// first, for `dstack_directory_snapshot_propagation_seconds`.
+    published: VecDeque<(u64, Instant)>,
 }
+
+/// Publish times kept: a sherlock reporting an older index is not timed.
+const PUBLISHED_KEPT: usize = 64;
 
 /// One running directory, shared by the HTTP handlers, the publisher and
 /// the reconciler. Handlers only change the registry and wake the
@@ -286,7 +350,7 @@ impl Directory {
             status.rejected = None;
         }
         if let Some(rejected) = rejected {
-            self.metrics.rejected_commits.fetch_add(1, Ordering::Relaxed);
+            self.metrics.rejected_commits.inc();
             status.rejected = Some(rejected);
         }
     }
@@ -362,7 +426,7 @@ impl Directory {
                 .into());
             }
         }
-        self.metrics.heartbeats.fetch_add(1, Ordering::Relaxed);
+        self.metrics.heartbeats.inc();
         if inner.registry.heartbeat(id.clone(), heartbeat, now) == Change::Membership {
             tracing::info!(instance = %id, "registered");
             inner.schedule.expiry_at_most(expires);
@@ -388,7 +452,7 @@ impl Directory {
         }
         let removed = inner.registry.remove(id);
         if removed {
-            self.metrics.deregistrations.fetch_add(1, Ordering::Relaxed);
+            self.metrics.deregistrations.inc();
             tracing::info!(instance = %id, "deregistered");
             self.changed(&mut inner);
         }
@@ -418,7 +482,7 @@ impl Directory {
             for (id, entry) in &expired {
                 tracing::warn!(instance = %id, service = %entry.heartbeat.service, "expired: no heartbeat within its ttl");
             }
-            self.metrics.expiries.fetch_add(expired.len() as u64, Ordering::Relaxed);
+            self.metrics.expiries.inc_by(expired.len() as u64);
             inner.schedule.pending |= !expired.is_empty();
             inner.schedule.next_expiry = inner.registry.next_expiry();
             // A sherlock that has not asked for ten minutes is gone, not lagging.
@@ -460,7 +524,11 @@ impl Directory {
             warming = next.warming,
             "snapshot published"
         );
-        self.metrics.snapshots_published.fetch_add(1, Ordering::Relaxed);
+        self.metrics.snapshots_published.inc();
+        if inner.published.len() == PUBLISHED_KEPT {
+            inner.published.pop_front();
+        }
+        inner.published.push_back((next.index, Instant::now()));
         self.snapshots.send_replace(Arc::new(next));
         inner.schedule.published(now, started.elapsed());
     }
@@ -475,9 +543,16 @@ impl Directory {
                 inner.sherlocks.remove(&oldest);
             }
         }
-        inner
-            .sherlocks
-            .insert(name, SherlockSeen { client, applied, peer: peer.to_string(), last_seen: Instant::now() });
+        let now = Instant::now();
+        // Timed once, when a sherlock seen before reports a newer snapshot of
+        // this run: a new or restarted one reports what it applied long ago.
+        let before = inner.sherlocks.get(&name).map(|s| s.applied);
+        if applied.epoch == self.epoch && before.is_some_and(|b| b.epoch == applied.epoch && b.index < applied.index) {
+            if let Some((_, at)) = inner.published.iter().find(|(index, _)| *index == applied.index) {
+                self.metrics.propagation.observe(now.saturating_duration_since(*at));
+            }
+        }
+        inner.sherlocks.insert(name, SherlockSeen { client, applied, peer: peer.to_string(), last_seen: now });
     }
 
     /// The registry as `dw route list` and the status page show it.
@@ -498,6 +573,18 @@ impl Directory {
             .collect();
         list.sort_by(|a, b| (&a.service, &a.id).cmp(&(&b.service, &b.id)));
         list
+    }
+
+    /// The `/metrics` answer for this `Accept` header: (content type, body).
+    pub fn render_metrics(&self, accept: Option<&str>) -> (&'static str, String) {
+        let m = &self.metrics;
+        m.snapshot_index.set(self.snapshot().index as i64);
+        {
+            let inner = self.inner.lock().unwrap();
+            m.instances.set(inner.registry.len() as i64);
+            m.sherlocks.set(inner.sherlocks.len() as i64);
+        }
+        m.registry.encode(accept)
     }
 
     pub fn instance_count(&self) -> usize {

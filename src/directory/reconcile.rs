@@ -342,7 +342,8 @@ pub async fn run(
                     Ok(Err(e)) => Err(repo.url.scrub(&e.to_string())),
                     Err(_) => Err("the fetch thread ended without an answer".to_string()),
                 };
-                directory.metrics.reconciles.fetch_add(1, Ordering::Relaxed);
+                directory.metrics.reconciles.inc();
+                directory.metrics.reconcile.observe(r.started.elapsed());
                 next = tokio::time::Instant::now()
                     + match &result {
                         Ok(()) => {

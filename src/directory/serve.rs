@@ -12,7 +12,6 @@
 //! are answered at a time; past that a connection is closed unanswered.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,7 +93,7 @@ pub async fn serve(
                 });
             }
             Err(_) => {
-                directory.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                directory.metrics.connections_refused.inc();
                 refusals_unlogged += 1;
                 if refusals_logged_at.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
                     tracing::warn!(
@@ -133,14 +132,14 @@ struct OpenConnection {
 
 impl OpenConnection {
     fn count(directory: &Arc<Directory>, slot: tokio::sync::OwnedSemaphorePermit) -> OpenConnection {
-        directory.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        directory.metrics.connections_open.inc();
         OpenConnection { directory: directory.clone(), _slot: slot }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.directory.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.directory.metrics.connections_open.dec();
     }
 }
 
@@ -181,12 +180,12 @@ impl Conn {
         let stream = match tokio::time::timeout(self.header_read_timeout, acceptor.accept(stream)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                self.directory.metrics.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                self.directory.metrics.tls_handshake_failures.inc();
                 tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
                 return;
             }
             Err(_) => {
-                self.directory.metrics.tls_handshake_failures.fetch_add(1, Ordering::Relaxed);
+                self.directory.metrics.tls_handshake_failures.inc();
                 tracing::debug!(peer = %self.peer, "TLS handshake not done within the header read timeout");
                 return;
             }

@@ -46,7 +46,7 @@ pub const EXIT_USAGE: i32 = 2;
 /// the effect, `dw apply` commits, pushes and waits until every sherlock has
 /// it, and `dw rollback` reverts.
 #[derive(Debug, Parser)]
-#[command(name = "dw", version, about, long_about)]
+#[command(name = "dw", version = crate::build_info::VERSION_LINE, about, long_about)]
 pub struct Cli {
     /// The directory: http://host:port, host:port, host, or //host/directory
     /// (default port 7575). Default: $DSTACK_DIRECTORY, then `directory:` in

@@ -1,117 +1,79 @@
 //! sherlock's admin endpoint: `/metrics` (Prometheus text) and `/status`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::prometheus::{Exposition, CONTENT_TYPE};
+use crate::metrics::{self, Counter, IntGauge, Seconds};
 
-/// Upper bounds (seconds) of the apply latency histogram's buckets.
-const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
-
-/// Counters every apply updates.
-#[derive(Debug, Default)]
+/// What every apply and HAProxy's supervision count; README.md ("Metrics")
+/// lists them with their Prometheus names.
+#[derive(Debug)]
 pub struct Metrics {
-    pub reloads: AtomicU64,
-    pub failed_reloads: AtomicU64,
-    pub runtime_commands: AtomicU64,
-    pub runtime_applies: AtomicU64,
-    pub drift_corrections: AtomicU64,
-    pub unchanged: AtomicU64,
-    pub failed_applies: AtomicU64,
-    pub applied_index: AtomicU64,
+    pub reloads: Counter,
+    pub failed_reloads: Counter,
+    pub runtime_commands: Counter,
+    pub runtime_applies: Counter,
+    pub drift_corrections: Counter,
+    pub unchanged: Counter,
+    pub failed_applies: Counter,
+    pub applied_index: IntGauge,
     /// 1 while HAProxy runs, 0 while sherlock is restarting it.
-    pub haproxy_up: AtomicU64,
+    pub haproxy_up: IntGauge,
     /// Unexpected exits of HAProxy's master (a crash, a SIGKILL).
-    pub haproxy_exits: AtomicU64,
+    pub haproxy_exits: Counter,
     /// Successful starts after such an exit.
-    pub haproxy_restarts: AtomicU64,
+    pub haproxy_restarts: Counter,
     /// Starts that failed (each is retried with backoff).
-    pub haproxy_failed_starts: AtomicU64,
+    pub haproxy_failed_starts: Counter,
     /// Files sherlock could not write (haproxy.cfg, snapshot.json): a full
     /// disk or a read-only run dir.
-    pub failed_writes: AtomicU64,
-    latency_buckets: [AtomicU64; BUCKETS.len()],
-    latency_count: AtomicU64,
-    /// Sum of latencies in microseconds.
-    latency_sum_us: AtomicU64,
+    pub failed_writes: Counter,
+    /// From a snapshot's arrival to HAProxy running it (quiescence included).
+    apply: Seconds,
+    registry: metrics::Metrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = metrics::Metrics::default();
+        Metrics {
+            reloads: r.counter("dstack_sherlock_reloads", "HAProxy reloads."),
+            failed_reloads: r.counter("dstack_sherlock_failed_reloads", "Reloads HAProxy refused."),
+            runtime_commands: r.counter("dstack_sherlock_runtime_commands", "Runtime API commands sent."),
+            runtime_applies: r.counter("dstack_sherlock_runtime_applies", "Changes applied without a reload."),
+            drift_corrections: r.counter("dstack_sherlock_drift_corrections", "Runtime state corrected to match."),
+            unchanged: r.counter("dstack_sherlock_unchanged", "Snapshots that changed nothing."),
+            failed_applies: r.counter("dstack_sherlock_failed_applies", "Snapshots not applied."),
+            applied_index: r.gauge("dstack_sherlock_applied_index", "Index of the snapshot applied."),
+            haproxy_up: r.gauge("dstack_sherlock_haproxy_up", "1 while HAProxy runs, 0 while it is being restarted."),
+            haproxy_exits: r.counter("dstack_sherlock_haproxy_exits", "Unexpected exits of HAProxy's master."),
+            haproxy_restarts: r.counter("dstack_sherlock_haproxy_restarts", "HAProxy started again after an exit."),
+            haproxy_failed_starts: r
+                .counter("dstack_sherlock_haproxy_failed_starts", "HAProxy starts that failed (retried with backoff)."),
+            failed_writes: r.counter(
+                "dstack_sherlock_failed_writes",
+                "Files not written (disk full, read-only run dir); the running config stays.",
+            ),
+            apply: r.seconds("dstack_sherlock_apply", "Time from a snapshot's arrival to HAProxy running it."),
+            registry: r,
+        }
+    }
 }
 
 impl Metrics {
     pub fn observe_apply(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        for (bound, bucket) in BUCKETS.iter().zip(&self.latency_buckets) {
-            if secs <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.apply.observe(took);
     }
 
-    pub fn render(&self) -> String {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut out = Exposition::default();
-        out.counter("dstack_sherlock_reloads_total", "HAProxy reloads.", get(&self.reloads));
-        out.counter("dstack_sherlock_failed_reloads_total", "Reloads HAProxy refused.", get(&self.failed_reloads));
-        out.counter(
-            "dstack_sherlock_runtime_commands_total",
-            "Runtime API commands sent.",
-            get(&self.runtime_commands),
-        );
-        out.counter(
-            "dstack_sherlock_runtime_applies_total",
-            "Changes applied without a reload.",
-            get(&self.runtime_applies),
-        );
-        out.counter(
-            "dstack_sherlock_drift_corrections_total",
-            "Runtime state corrected to match.",
-            get(&self.drift_corrections),
-        );
-        out.counter("dstack_sherlock_unchanged_total", "Snapshots that changed nothing.", get(&self.unchanged));
-        out.counter("dstack_sherlock_failed_applies_total", "Snapshots not applied.", get(&self.failed_applies));
-        out.gauge("dstack_sherlock_applied_index", "Index of the snapshot applied.", get(&self.applied_index));
-        out.gauge(
-            "dstack_sherlock_haproxy_up",
-            "1 while HAProxy runs, 0 while it is being restarted.",
-            get(&self.haproxy_up),
-        );
-        out.counter(
-            "dstack_sherlock_haproxy_exits_total",
-            "Unexpected exits of HAProxy's master.",
-            get(&self.haproxy_exits),
-        );
-        out.counter(
-            "dstack_sherlock_haproxy_restarts_total",
-            "HAProxy started again after an exit.",
-            get(&self.haproxy_restarts),
-        );
-        out.counter(
-            "dstack_sherlock_haproxy_failed_starts_total",
-            "HAProxy starts that failed (retried with backoff).",
-            get(&self.haproxy_failed_starts),
-        );
-        out.counter(
-            "dstack_sherlock_failed_writes_total",
-            "Files not written (disk full, read-only run dir); the running config stays.",
-            get(&self.failed_writes),
-        );
-        let buckets: Vec<(f64, u64)> = BUCKETS.iter().zip(&self.latency_buckets).map(|(b, n)| (*b, get(n))).collect();
-        out.histogram(
-            "dstack_sherlock_apply_seconds",
-            "Time from a snapshot's arrival to HAProxy running it.",
-            &buckets,
-            get(&self.latency_count),
-            get(&self.latency_sum_us) as f64 / 1e6,
-        );
-        out.finish()
+    /// The `/metrics` answer: (content type, body).
+    pub fn render(&self, accept: Option<&str>) -> (&'static str, String) {
+        self.registry.encode(accept)
     }
 }
 
@@ -147,6 +109,13 @@ pub struct Shared {
 pub fn app(shared: Arc<Shared>) -> Router {
     let m = shared.clone();
     Router::new()
-        .route("/metrics", get(move || async move { ([(header::CONTENT_TYPE, CONTENT_TYPE)], m.metrics.render()) }))
+        .route(
+            "/metrics",
+            get(move |headers: HeaderMap| async move {
+                let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
+                let (kind, body) = m.metrics.render(accept);
+                ([(header::CONTENT_TYPE, kind)], body)
+            }),
+        )
         .route("/status", get(move || async move { Json(shared.status.lock().unwrap().clone()).into_response() }))
 }

@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -269,9 +268,9 @@ impl Applier {
                 self.correct_drift().await.then(Instant::now)
             }
             Err(e) => {
-                self.metrics().failed_applies.fetch_add(1, Ordering::Relaxed);
+                self.metrics().failed_applies.inc();
                 if e.chain().any(|c| c.is::<WriteError>()) {
-                    self.metrics().failed_writes.fetch_add(1, Ordering::Relaxed);
+                    self.metrics().failed_writes.inc();
                 }
                 let e = format!("{e:#}");
                 let delay = self.retries.next_delay();
@@ -294,7 +293,7 @@ impl Applier {
     async fn runtime(&self, commands: &[String]) -> anyhow::Result<()> {
         for command in commands {
             let answer = self.haproxy.runtime_command(command).await?;
-            self.metrics().runtime_commands.fetch_add(1, Ordering::Relaxed);
+            self.metrics().runtime_commands.inc();
             if !runtime_ok(&answer) {
                 anyhow::bail!("haproxy refused `{command}`: {}", answer.trim());
             }
@@ -319,7 +318,7 @@ impl Applier {
         let changed = match render::diff(&self.running, &candidate) {
             None => {
                 tracing::debug!("config unchanged");
-                self.metrics().unchanged.fetch_add(1, Ordering::Relaxed);
+                self.metrics().unchanged.inc();
                 false
             }
             // Nothing to change while it is down: its restart applies this.
@@ -335,7 +334,7 @@ impl Applier {
             }
         };
         self.applied = effective;
-        self.metrics().applied_index.store(next.index, Ordering::Relaxed);
+        self.metrics().applied_index.set(next.index as i64);
         self.applied_id.send_replace(next.id());
         {
             let mut status = self.shared.status.lock().unwrap();
@@ -401,7 +400,7 @@ impl Applier {
         }
         self.running = candidate.to_string();
         self.running_shape = shape;
-        self.metrics().runtime_applies.fetch_add(1, Ordering::Relaxed);
+        self.metrics().runtime_applies.inc();
         tracing::info!(commands = commands.len(), "applied through the runtime api, no reload");
         Ok(true)
     }
@@ -413,15 +412,15 @@ impl Applier {
         self.haproxy.check(&paths.candidate).await?;
         rename_durably(&paths.candidate, &paths.config)?;
         if let Err(e) = self.haproxy.reload().await {
-            self.metrics().failed_reloads.fetch_add(1, Ordering::Relaxed);
+            self.metrics().failed_reloads.inc();
             // Put back the file that matches the worker still serving.
             if let Err(w) = write_atomic(&paths.config, &self.running) {
-                self.metrics().failed_writes.fetch_add(1, Ordering::Relaxed);
+                self.metrics().failed_writes.inc();
                 tracing::error!(error = %w, "could not put back haproxy.cfg after a failed reload; a restart of HAProxy would run the refused candidate");
             }
             return Err(e.into());
         }
-        self.metrics().reloads.fetch_add(1, Ordering::Relaxed);
+        self.metrics().reloads.inc();
         // The new worker has only what the file lists: nothing drains.
         self.draining.clear();
         self.running = candidate.to_string();
@@ -477,7 +476,7 @@ impl Applier {
             return down_changed;
         }
         tracing::warn!(fixes = ?fixes, "haproxy's runtime state drifted from the config; correcting");
-        self.metrics().drift_corrections.fetch_add(fixes.len() as u64, Ordering::Relaxed);
+        self.metrics().drift_corrections.inc_by(fixes.len() as u64);
         if let Err(e) = self.runtime(&fixes).await {
             tracing::warn!(error = format!("{e:#}"), "could not correct drift at runtime; reloading");
             let running = self.running.clone();
@@ -546,7 +545,7 @@ impl Applier {
         self.running = config;
         self.applied = applied;
         self.draining.clear();
-        self.metrics().haproxy_up.store(1, Ordering::Relaxed);
+        self.metrics().haproxy_up.set(1);
         self.shared.status.lock().unwrap().haproxy_running = true;
         Ok(())
     }
@@ -562,8 +561,8 @@ impl Applier {
     /// HAProxy's master exited on its own (`status`): say so until a
     /// restart succeeds.
     pub fn haproxy_exited(&mut self, status: &str) {
-        self.metrics().haproxy_exits.fetch_add(1, Ordering::Relaxed);
-        self.metrics().haproxy_up.store(0, Ordering::Relaxed);
+        self.metrics().haproxy_exits.inc();
+        self.metrics().haproxy_up.set(0);
         let mut s = self.shared.status.lock().unwrap();
         s.haproxy_running = false;
         s.haproxy_error = Some(format!("haproxy exited ({status}); restarting it"));
@@ -577,8 +576,8 @@ impl Applier {
             Ok(()) => {
                 // A fresh worker holds exactly the file's servers.
                 self.draining.clear();
-                self.metrics().haproxy_restarts.fetch_add(1, Ordering::Relaxed);
-                self.metrics().haproxy_up.store(1, Ordering::Relaxed);
+                self.metrics().haproxy_restarts.inc();
+                self.metrics().haproxy_up.set(1);
                 let mut s = self.shared.status.lock().unwrap();
                 s.haproxy_running = true;
                 s.haproxy_error = None;
@@ -589,7 +588,7 @@ impl Applier {
             Err(e) => {
                 let e = format!("could not restart haproxy: {e:#}");
                 tracing::error!(error = %e, "retrying with backoff");
-                self.metrics().haproxy_failed_starts.fetch_add(1, Ordering::Relaxed);
+                self.metrics().haproxy_failed_starts.inc();
                 let mut s = self.shared.status.lock().unwrap();
                 s.haproxy_running = false;
                 s.haproxy_error = Some(e.clone());

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::client::ClientFlags;
 use crate::config_file::{self, FileError, Seconds};
+use crate::logging::LogFlags;
 use crate::model::{ClientName, DirectoryAddr, InstanceId};
 use crate::secret::{self, Secret, SecretError};
 use crate::tls::{ClientTls, ClientTlsFiles, TlsError};
@@ -27,7 +28,7 @@ const MAX_SOCKET_PATH: usize = 100;
 ///
 /// With no -d, reads the config file (-c).
 #[derive(Debug, Default, clap::Parser)]
-#[command(name = "sherlock", version, about)]
+#[command(name = "sherlock", version = crate::build_info::VERSION_LINE, about)]
 pub struct Args {
     /// A directory to follow (repeat for failover, in order): http://host:port,
     /// host:port, host or //host/directory.
@@ -73,6 +74,9 @@ pub struct Args {
     /// The config file read when no -d is given.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// How and how much it logs.
+    #[command(flatten)]
+    pub log: LogFlags,
     /// $DSTACK_TOKEN, read by [`load`].
     #[arg(skip)]
     pub env_token: Option<Secret>,

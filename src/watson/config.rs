@@ -4,6 +4,7 @@
 //! services dir, merged by [`resolve`]: `-d` flags beat the file's
 //! directories, positional arguments replace the file's services.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use serde::Deserialize;
 
 use crate::client::ClientFlags;
 use crate::config_file::{self, FileError, Seconds};
+use crate::logging::LogFlags;
 use crate::model::{DirectoryAddr, InstanceUrl, ServiceName, Version};
 use crate::secret::{self, Secret, SecretError};
 use crate::tls::{ClientTls, ClientTlsFiles, TlsError};
@@ -24,7 +26,9 @@ const DEFAULT_PERIOD: Duration = Duration::from_secs(3);
 /// Seed form: `watson -d //services/directory //services/emitter http://vm101/emitter 3`.
 /// With no positional arguments, reads the config file (-c).
 #[derive(Debug, Default, clap::Parser)]
-#[command(name = "watson", about, disable_version_flag = true)]
+// `--version VERSION` is the instance's version (dstack's seed form), so
+// clap's own flag is off; `-V`, or `--version` with no value, prints ours.
+#[command(name = "watson", about, version = crate::build_info::VERSION_LINE, disable_version_flag = true)]
 pub struct Args {
     /// A directory to heartbeat to (repeat for several): http://host:port,
     /// host:port, host or //host/directory.
@@ -38,9 +42,13 @@ pub struct Args {
     /// the TTL is 3x this. A directory whose --max-ttl is shorter gets
     /// heartbeats often enough to fit it (checks keep this period).
     pub period: Option<String>,
-    /// The version this instance runs (routes give versions their weights) [default: v1].
-    #[arg(long, id = "instance_version")]
-    pub version: Option<String>,
+    /// The version this instance runs (routes give versions their weights)
+    /// [default: v1]; with no value, prints watson's own version, as -V does.
+    #[arg(long, id = "instance_version", value_name = "VERSION", num_args = 0..=1)]
+    pub version: Option<Option<String>>,
+    /// Print watson's version and the git commit it was built from.
+    #[arg(short = 'V')]
+    pub print_version: bool,
     /// The liveness URL; default <URL>/liveness_check. 2xx is alive.
     #[arg(long)]
     pub check_url: Option<String>,
@@ -56,12 +64,25 @@ pub struct Args {
     /// The directory's token and TLS files.
     #[command(flatten)]
     pub access: ClientFlags,
+    /// Where /metrics is served (host:port, e.g. 127.0.0.1:8002), or off [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// The config file read when no service is given on the command line.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// How and how much it logs.
+    #[command(flatten)]
+    pub log: LogFlags,
     /// $DSTACK_TOKEN, read by [`load`].
     #[arg(skip)]
     pub env_token: Option<Secret>,
+}
+
+impl Args {
+    /// `-V`, or `--version` with no value: print watson's version, not run.
+    pub fn wants_own_version(&self) -> bool {
+        self.print_version || matches!(self.version, Some(None))
+    }
 }
 
 /// Why watson's settings were refused.
@@ -149,6 +170,8 @@ pub struct Config {
     pub tls: ClientTls,
     /// TLS for https:// check URLs: the system's roots and `--ca-file`.
     pub check_tls: ClientTls,
+    /// Where `/metrics` is served; None (the default) serves none.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `/etc/datawire/watson.yaml`.
@@ -168,6 +191,9 @@ pub struct FileConfig {
     pub client_cert: Option<PathBuf>,
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// As --metrics.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// One file in the services dir.
@@ -255,6 +281,7 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
         }
     }
     let token_file = files.as_ref().and_then(|f| f.config.token_file.clone());
+    let file_metrics = files.as_ref().and_then(|f| f.config.metrics.clone());
     let file_tls = files.as_ref().map_or_else(ClientTlsFiles::default, |f| ClientTlsFiles {
         ca_file: f.config.ca_file.clone(),
         client_cert: f.config.client_cert.clone(),
@@ -267,6 +294,7 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
             let period = parse_period(period).map_err(|e| flag(format!("PERIOD: {e}")))?;
             let version = args
                 .version
+                .flatten()
                 .as_deref()
                 .map(str::parse::<Version>)
                 .transpose()
@@ -299,7 +327,14 @@ pub fn resolve(args: Args, files: Option<Files>) -> Result<Config, ConfigError> 
     let tls_files = ClientTlsFiles::resolve(flag_tls, file_tls)?;
     let tls = ClientTls::for_directory(&tls_files)?;
     let check_tls = ClientTls::for_checks(tls_files.ca_file.as_deref())?;
-    Ok(Config { directories, services, token, tls, check_tls })
+    let metrics = match args.metrics.as_deref().or(file_metrics.as_deref()) {
+        None | Some("off" | "none") => None,
+        Some(raw) => Some(
+            raw.parse::<SocketAddr>()
+                .map_err(|_| flag(format!("--metrics {raw:?}: expected host:port such as 127.0.0.1:8002, or off")))?,
+        ),
+    };
+    Ok(Config { directories, services, token, tls, check_tls, metrics })
 }
 
 #[cfg(test)]
@@ -355,6 +390,7 @@ mod tests {
                 ca_file: None,
                 client_cert: None,
                 client_key: None,
+                metrics: None,
             },
             services: vec![(
                 tmp.path().join("e.yaml"),
@@ -388,6 +424,7 @@ mod tests {
                 ca_file: None,
                 client_cert: None,
                 client_key: None,
+                metrics: None,
             },
             services: vec![(tmp.path().join("e.yaml"), config_file::load(&tmp.path().join("e.yaml")).unwrap())],
         };
@@ -418,6 +455,7 @@ mod tests {
                 ca_file: Some("/file/ca.pem".into()),
                 client_cert: None,
                 client_key: Some("/file/client.key".into()),
+                metrics: None,
             },
             services: vec![(tmp.path().join("e.yaml"), config_file::load(&tmp.path().join("e.yaml")).unwrap())],
         };
@@ -477,5 +515,31 @@ mod tests {
         .unwrap();
         let err = load(&cfg).unwrap_err().to_string();
         assert!(err.contains("emitter.yaml:") && err.contains("invalid version"), "{err}");
+    }
+
+    #[test]
+    fn metrics_come_from_the_flag_then_the_file_and_are_off_by_default() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("e.yaml"), "name: emitter\nurl: http://vm101/emitter\n").unwrap();
+        let files = |metrics: Option<&str>| Files {
+            path: "watson.yaml".into(),
+            config: FileConfig {
+                directories: vec!["d".parse().unwrap()],
+                services_dir: None,
+                token_file: None,
+                ca_file: None,
+                client_cert: None,
+                client_key: None,
+                metrics: metrics.map(String::from),
+            },
+            services: vec![(tmp.path().join("e.yaml"), config_file::load(&tmp.path().join("e.yaml")).unwrap())],
+        };
+        let metrics = |flags: &[&str], file: Option<&str>| resolve(args(flags), Some(files(file))).map(|c| c.metrics);
+        assert_eq!(metrics(&[], None).unwrap(), None);
+        assert_eq!(metrics(&[], Some("127.0.0.1:8002")).unwrap(), Some("127.0.0.1:8002".parse().unwrap()));
+        assert_eq!(metrics(&["--metrics", "off"], Some("127.0.0.1:8002")).unwrap(), None);
+        assert_eq!(metrics(&["--metrics", "[::1]:9"], None).unwrap(), Some("[::1]:9".parse().unwrap()));
+        let err = metrics(&["--metrics", "8002"], None).unwrap_err().to_string();
+        assert!(err.contains("--metrics \"8002\": expected host:port such as 127.0.0.1:8002, or off"), "{err}");
     }
 }

@@ -7,15 +7,54 @@
 
 pub mod config;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+use axum::http::{header, HeaderMap};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::client::DirectoryClient;
+use crate::metrics::{self, Counter, IntGauge, Seconds};
 use crate::model::{Heartbeat, InstanceId};
 pub use config::{Config, ServiceConfig};
+
+/// What watson counts and times for `/metrics` (`--metrics`); README.md
+/// ("Metrics and logs") lists them.
+#[derive(Debug)]
+pub struct Metrics {
+    checks: Counter,
+    check_failures: Counter,
+    check: Seconds,
+    /// Instances registered now (healthy after rise/fall).
+    healthy: IntGauge,
+    heartbeats: Counter,
+    heartbeat_failures: Counter,
+    heartbeat: Seconds,
+    registry: metrics::Metrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = metrics::Metrics::default();
+        Metrics {
+            checks: r.counter("dstack_watson_checks", "Liveness checks made."),
+            check_failures: r
+                .counter("dstack_watson_check_failures", "Liveness checks failed (not 2xx, or no answer)."),
+            check: r.seconds("dstack_watson_check", "Time a liveness check took, failed ones included."),
+            healthy: r.gauge("dstack_watson_instances_healthy", "Instances passing their checks, so heartbeaten."),
+            heartbeats: r.counter("dstack_watson_heartbeats", "Heartbeats a directory accepted."),
+            heartbeat_failures: r.counter(
+                "dstack_watson_heartbeat_failures",
+                "Heartbeats and deregistrations that failed or were refused.",
+            ),
+            heartbeat: r.seconds("dstack_watson_heartbeat", "Time a directory took to answer a heartbeat."),
+            registry: r,
+        }
+    }
+}
 
 /// The rise/fall state machine of one instance. Pure, so it is unit-tested.
 #[derive(Debug, Clone)]
@@ -72,7 +111,26 @@ impl Health {
 /// Runs every configured service until `shutdown`, then deregisters them all.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let http = config.check_tls.reqwest().build()?;
+    let metrics = Arc::new(Metrics::default());
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = config.metrics {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding --metrics {addr}"))?;
+        tracing::info!(%addr, "metrics endpoint listening (/metrics)");
+        let m = metrics.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move |headers: HeaderMap| async move {
+                let accept = headers.get(header::ACCEPT).and_then(|a| a.to_str().ok());
+                let (kind, body) = m.registry.encode(accept);
+                ([(header::CONTENT_TYPE, kind)], body)
+            }),
+        );
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await.ok();
+        });
+    }
     for service in config.services {
         let id = InstanceId::derive(&service.name, &service.version, &service.url);
         tracing::info!(instance = %id, service = %service.name, url = %service.url, version = %service.version, "watching");
@@ -86,9 +144,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 &config.tls,
             )
             .with_token(config.token.as_ref());
-            tasks.spawn(heartbeat_loop(client, id.clone(), service.clone(), state_rx.clone(), shutdown.clone()));
+            let m = metrics.clone();
+            tasks.spawn(heartbeat_loop(client, id.clone(), service.clone(), state_rx.clone(), m, shutdown.clone()));
         }
-        tasks.spawn(check_loop(http.clone(), id, service, state_tx, shutdown.clone()));
+        tasks.spawn(check_loop(http.clone(), id, service, state_tx, metrics.clone(), shutdown.clone()));
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
@@ -100,6 +159,7 @@ async fn check_loop(
     id: InstanceId,
     service: ServiceConfig,
     state: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut health = Health::new(service.rise, service.fall);
@@ -111,12 +171,18 @@ async fn check_loop(
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
+        let started = Instant::now();
         let outcome = match http.get(&service.check_url).timeout(service.timeout).send().await {
             Ok(resp) if resp.status().is_success() => Ok(()),
             Ok(resp) => Err(format!("status {}", resp.status())),
             // The causes too: a certificate problem must say so.
             Err(e) => Err(crate::client::explain(&e)),
         };
+        metrics.check.observe(started.elapsed());
+        metrics.checks.inc();
+        if outcome.is_err() {
+            metrics.check_failures.inc();
+        }
         match &outcome {
             // A new reason is logged where it shows by default: an instance
             // that never passes (an untrusted certificate, say) is never
@@ -134,6 +200,11 @@ async fn check_loop(
                 Err(why) => {
                     tracing::warn!(instance = %id, %why, fall = service.fall, "instance failed its liveness checks; deregistering")
                 }
+            }
+            if now_healthy {
+                metrics.healthy.inc();
+            } else {
+                metrics.healthy.dec();
             }
             state.send_replace(now_healthy);
         }
@@ -185,6 +256,7 @@ async fn heartbeat_loop(
     id: InstanceId,
     service: ServiceConfig,
     mut state: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let wanted = Pace::wanted(&service);
@@ -207,7 +279,13 @@ async fn heartbeat_loop(
         }
         let healthy = *state.borrow_and_update();
         let result = if healthy {
-            client.heartbeat(&id, &heartbeat).await.map(|ack| ack.max_ttl_ms.map(Duration::from_millis))
+            let started = Instant::now();
+            let result = client.heartbeat(&id, &heartbeat).await;
+            metrics.heartbeat.observe(started.elapsed());
+            if result.is_ok() {
+                metrics.heartbeats.inc();
+            }
+            result.map(|ack| ack.max_ttl_ms.map(Duration::from_millis))
         } else if told != Some(false) {
             client.deregister(&id).await.map(|_| None)
         } else {
@@ -242,6 +320,7 @@ async fn heartbeat_loop(
                 next = tokio::time::Instant::now();
             }
             Err(e) => {
+                metrics.heartbeat_failures.inc();
                 let delay = if e.is_refusal() { pace.period } else { backoff.next_delay() };
                 tracing::warn!(instance = %id, error = %e, retry_in = ?delay, "heartbeat failed");
                 told = None;

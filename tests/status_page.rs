@@ -81,13 +81,22 @@ impl Chromium {
             "--disable-sync",
             "--remote-debugging-pipe",
             "--hide-scrollbars",
-            &format!("--user-data-dir={}", profile.path().display()),
+            &format!("--user-data-dir={}", profile.path().join("profile").display()),
         ]);
         if ignore_certificate_errors {
             // The cluster's private CA: the page is under test, not TLS.
             command.arg("--ignore-certificate-errors");
         }
         command.arg("about:blank");
+        // Its crash database, caches and singleton socket go in the temp
+        // dir too, not in the user's home or the shared /tmp.
+        for (var, sub) in
+            [("HOME", "home"), ("XDG_CONFIG_HOME", "config"), ("XDG_CACHE_HOME", "cache"), ("TMPDIR", "tmp")]
+        {
+            let path = profile.path().join(sub);
+            std::fs::create_dir_all(&path).unwrap();
+            command.env(var, path);
+        }
         let file = File::create(log).unwrap();
         command.stdin(Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file).process_group(0);
         let (read_fd, write_fd) = (to_chromium.as_raw_fd(), from_chromium.as_raw_fd());

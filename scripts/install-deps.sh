@@ -27,6 +27,7 @@ missing=()
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v curl >/dev/null 2>&1 || missing+=(curl)  # make demo waits with it
+[ -x /usr/bin/chromium ] || missing+=(chromium)    # tests/status_page.rs drives it headless
 if [ ${#missing[@]} -eq 0 ]; then
     check_haproxy
     exit 0

@@ -10,7 +10,6 @@
 //! [`Caller::check`], the one place that decides, whether the caller's
 //! role allows the endpoint (403).
 
-use std::fmt::Write as _;
 use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -276,7 +275,7 @@ async fn count_refusals(State(directory): State<Arc<Directory>>, req: Request, n
 /// The router, given the directory it serves.
 pub fn app(directory: Arc<Directory>) -> Router {
     Router::new()
-        .route("/", get(index_page))
+        .route("/", get(super::status_page::index))
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}", put(put_instance).delete(delete_instance))
         .route("/v1/snapshot", get(get_snapshot))
@@ -419,7 +418,8 @@ async fn get_snapshot(
     }
 }
 
-fn status(directory: &Directory) -> Status {
+/// `/v1/status`, read now (the status page's text form prints it too).
+pub(super) fn status(directory: &Directory) -> Status {
     // One read under the lock: the snapshot, its routes and the repo state
     // always describe the same commit (dw plan compares against them).
     let (snapshot, desired, routes) = directory.in_force();
@@ -477,18 +477,6 @@ async fn post_reconcile(
 
 async fn get_status(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> Json<Status> {
     Json(status(&directory))
-}
-
-async fn index_page(State(directory): State<Arc<Directory>>, _: Allowed<ReadAccess>) -> impl IntoResponse {
-    let s = status(&directory);
-    let mut page = format!("dstack directory {} (snapshot {}, up {}s)\n\n", s.name, s.index, s.uptime_s);
-    for i in &s.instances {
-        let _ = writeln!(page, "{:<20} {:<10} {:<40} {}ms ago", i.service, i.version, i.url, i.last_heartbeat_ms);
-    }
-    for w in &s.warnings {
-        let _ = writeln!(page, "warning: {w}");
-    }
-    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], page)
 }
 
 async fn metrics(

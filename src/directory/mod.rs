@@ -10,6 +10,7 @@ pub mod publisher;
 pub mod reconcile;
 pub mod registry;
 pub mod serve;
+pub mod status_page;
 
 use std::collections::HashMap;
 use std::collections::VecDeque;

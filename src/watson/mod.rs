@@ -73,6 +73,11 @@ impl Health {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let http = config.check_tls.reqwest().build()?;
     let mut tasks = tokio::task::JoinSet::new();
+    // Each check loop says how its first check went; systemd hears READY
+    // once all have.
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let total = config.services.len();
+    let (mut unchecked, mut alive) = (total, 0);
     for service in config.services {
         let id = InstanceId::derive(&service.name, &service.version, &service.url);
         tracing::info!(instance = %id, service = %service.name, url = %service.url, version = %service.version, "watching");
@@ -88,9 +93,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .with_token(config.token.as_ref());
             tasks.spawn(heartbeat_loop(client, id.clone(), service.clone(), state_rx.clone(), shutdown.clone()));
         }
-        tasks.spawn(check_loop(http.clone(), id, service, state_tx, shutdown.clone()));
+        tasks.spawn(check_loop(http.clone(), id, service, state_tx, first_tx.clone(), shutdown.clone()));
     }
-    while tasks.join_next().await.is_some() {}
+    drop(first_tx);
+    let mut watchdog = crate::systemd::Watchdog::from_env();
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => if joined.is_none() { break },
+            Some(passed) = first_rx.recv(), if unchecked > 0 => {
+                unchecked -= 1;
+                alive += usize::from(passed);
+                if unchecked == 0 {
+                    crate::systemd::ready(&format!("first checks done: {alive} of {total} instances alive"));
+                }
+            }
+            _ = watchdog.tick() => crate::systemd::watchdog(),
+        }
+    }
     Ok(())
 }
 
@@ -100,8 +119,10 @@ async fn check_loop(
     id: InstanceId,
     service: ServiceConfig,
     state: watch::Sender<bool>,
+    first_check: tokio::sync::mpsc::UnboundedSender<bool>,
     shutdown: CancellationToken,
 ) {
+    let mut first_check = Some(first_check);
     let mut health = Health::new(service.rise, service.fall);
     let mut last_failure: Option<String> = None;
     let mut every = tokio::time::interval(service.period);
@@ -136,6 +157,9 @@ async fn check_loop(
                 }
             }
             state.send_replace(now_healthy);
+        }
+        if let Some(first) = first_check.take() {
+            let _ = first.send(outcome.is_ok());
         }
     }
 }

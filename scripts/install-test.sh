@@ -140,6 +140,12 @@ if out=$(systemd-analyze verify "${units[@]}" 2>&1); then
 else
     fail "systemd-analyze verify ${units[*]}" "$out"
 fi
+# Exposure 0 is fully sandboxed, 10 not at all (--threshold counts tenths);
+# these units score 1.6 to 1.7.
+sandboxed() { systemd-analyze security --offline=yes --threshold=25 "$1" >/dev/null 2>&1; }
+for unit in "${units[@]}"; do
+    check "systemd-analyze security: $(basename "$unit") is sandboxed (exposure 2.5 or less)" sandboxed "$unit"
+done
 
 echo "--- the .rpm packages"
 for role in directory watson sherlock dw; do

@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all build demo test lint bench chaos deps clean
+.PHONY: all build demo test lint bench chaos deps clean packages install-test
 
 all: build
 
@@ -38,3 +38,13 @@ bench: deps
 # Root for the run dir's tmpfs (fault 14); `cargo bench --bench chaos -- 7 12` plays some.
 chaos: deps
 	$(CARGO) bench --bench chaos
+
+# Debian and RPM packages of every role (release build): target/debian/*.deb,
+# target/generate-rpm/*.rpm. Installs cargo-deb, cargo-generate-rpm and rpm if missing.
+packages:
+	@scripts/packages.sh
+
+# As root: installs the .deb files, runs each unit's ExecStart with the
+# packaged config files, serves a request through sherlock, then purges.
+install-test: deps
+	@scripts/install-test.sh

@@ -36,6 +36,7 @@ pub mod protocol;
 pub mod routes;
 pub mod secret;
 pub mod sherlock;
+pub mod systemd;
 pub mod tls;
 pub mod watson;
 

@@ -616,6 +616,8 @@ impl Directory {
 /// The publisher task: one pass, then sleep until the pass's deadline or,
 /// when it listens, the next change.
 pub(crate) async fn publish_loop(directory: Arc<Directory>, shutdown: CancellationToken) {
+    // Fed after a pass: a directory stuck on its state lock stops feeding it.
+    let mut watchdog = crate::systemd::Watchdog::from_env();
     loop {
         let (wake_at, listens) = directory.step(Instant::now());
         let deadline = async {
@@ -628,6 +630,7 @@ pub(crate) async fn publish_loop(directory: Arc<Directory>, shutdown: Cancellati
             _ = shutdown.cancelled() => return,
             _ = deadline => {}
             _ = directory.wake.notified(), if listens => {}
+            _ = watchdog.tick() => crate::systemd::watchdog(),
         }
     }
 }
@@ -675,6 +678,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
 
     let publisher = tokio::spawn(publish_loop(directory.clone(), shutdown.clone()));
+    tokio::spawn(notify_ready(directory.clone(), shutdown.clone()));
     let reloader = tokio::spawn({
         let (directory, shutdown, tls) = (directory.clone(), shutdown.clone(), tls.clone());
         async move {
@@ -707,6 +711,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         r.await.ok();
     }
     Ok(())
+}
+
+/// Tells systemd the directory serves (it listens already): at once with no
+/// repo or with the commit in force restored from the state dir, else once
+/// the first fetch has ended, accepted, rejected or failed, so a remote that
+/// is down does not hold the start (the status line says why).
+async fn notify_ready(directory: Arc<Directory>, shutdown: CancellationToken) {
+    if !crate::systemd::enabled() {
+        return;
+    }
+    let listen = directory.config.listen;
+    let status = loop {
+        if directory.config.repo.is_none() {
+            break format!("serving on {listen}; no routes repo: equal traffic to every instance");
+        }
+        let routes = directory.routes_status();
+        match (&routes.commit, &routes.error, &routes.rejected) {
+            (Some(commit), _, _) => break format!("serving on {listen}; routes commit {commit}"),
+            (None, Some(error), _) => break format!("serving on {listen}; no routes yet, the fetch failed: {error}"),
+            (None, None, Some(_)) => break format!("serving on {listen}; no routes yet, the head commit was rejected"),
+            (None, None, None) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+        }
+    };
+    crate::systemd::ready(&status);
 }
 
 /// The directory's keys from its settings, logged (never a token): an auth

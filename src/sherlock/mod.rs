@@ -138,6 +138,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         return Ok(());
     };
     started?;
+    let serving = format!("HAProxy serving on {}", config.listen);
+    crate::systemd::ready_when_accepting(config.listen, Duration::from_secs(10), &serving).await;
+    let mut watchdog = crate::systemd::Watchdog::from_env();
 
     let (tx, mut rx) = watch::channel::<Option<Snapshot>>(None);
     let subscriber = tokio::spawn(subscriber::run(config.clone(), tx, applied_rx, shared.clone(), shutdown.clone()));
@@ -186,6 +189,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     apply_at = Some(std::time::Instant::now());
                 }
             }
+            _ = watchdog.tick() => crate::systemd::watchdog(),
             exited = applier.haproxy.restart_due() => {
                 // A signal may have reached HAProxy and sherlock together.
                 if shutdown.is_cancelled() { break }

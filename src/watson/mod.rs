@@ -131,6 +131,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await.ok();
         });
     }
+    // Each check loop says how its first check went; systemd hears READY
+    // once all have.
+    let (first_tx, mut first_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let total = config.services.len();
+    let (mut unchecked, mut alive) = (total, 0);
     for service in config.services {
         let id = InstanceId::derive(&service.name, &service.version, &service.url);
         tracing::info!(instance = %id, service = %service.name, url = %service.url, version = %service.version, "watching");
@@ -147,9 +152,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let m = metrics.clone();
             tasks.spawn(heartbeat_loop(client, id.clone(), service.clone(), state_rx.clone(), m, shutdown.clone()));
         }
-        tasks.spawn(check_loop(http.clone(), id, service, state_tx, metrics.clone(), shutdown.clone()));
+        tasks.spawn(check_loop(http.clone(), id, service, state_tx, metrics.clone(), first_tx.clone(), shutdown.clone()));
     }
-    while tasks.join_next().await.is_some() {}
+    drop(first_tx);
+    let mut watchdog = crate::systemd::Watchdog::from_env();
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => if joined.is_none() { break },
+            Some(passed) = first_rx.recv(), if unchecked > 0 => {
+                unchecked -= 1;
+                alive += usize::from(passed);
+                if unchecked == 0 {
+                    crate::systemd::ready(&format!("first checks done: {alive} of {total} instances alive"));
+                }
+            }
+            _ = watchdog.tick() => crate::systemd::watchdog(),
+        }
+    }
     Ok(())
 }
 
@@ -160,8 +179,10 @@ async fn check_loop(
     service: ServiceConfig,
     state: watch::Sender<bool>,
     metrics: Arc<Metrics>,
+    first_check: tokio::sync::mpsc::UnboundedSender<bool>,
     shutdown: CancellationToken,
 ) {
+    let mut first_check = Some(first_check);
     let mut health = Health::new(service.rise, service.fall);
     let mut last_failure: Option<String> = None;
     let mut every = tokio::time::interval(service.period);
@@ -207,6 +228,9 @@ async fn check_loop(
                 metrics.healthy.dec();
             }
             state.send_replace(now_healthy);
+        }
+        if let Some(first) = first_check.take() {
+            let _ = first.send(outcome.is_ok());
         }
     }
 }

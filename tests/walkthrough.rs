@@ -284,7 +284,12 @@ async fn a_killed_sherlocks_haproxy_serves_on_until_the_next_sherlock_takes_it_o
     let a = Instance::start("vm101").await;
     let _wa = cluster.watson("emitter", &a.url("/emitter"), &[]);
     let (port, mut first) = cluster.start_sherlock(&[]).await;
-    cluster.wait_for_instances("emitter", 1).await;
+    // Not wait_for_instances: the directory still counts the stopped
+    // sherlock, which will never apply anything again.
+    eventually(Duration::from_secs(15), "the instance served through the new sherlock", async || {
+        matches!(get_via(&cluster.http, port, "/emitter/").await, Ok((200, _))).then_some(())
+    })
+    .await;
     let run_dir = cluster.run_dir(port);
     let old = haproxy_pids(&run_dir);
 

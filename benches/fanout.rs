@@ -271,7 +271,7 @@ fn cpu_seconds(pid: i32) -> f64 {
 /// One membership change: a new instance of some service, or its removal.
 async fn membership_change(http: &reqwest::Client, base: &str, change: usize) -> u64 {
     let i = INSTANCES + change / 2;
-    let s = (change * 37) % SERVICES;
+    let s = (change / 2 * 37) % SERVICES;
     let url = format!("{base}/v1/instances/svc{s}-extra{i}");
     let req = if change % 2 == 0 {
         http.put(url).header("content-type", "application/json").body(heartbeat(s, i))
@@ -280,7 +280,9 @@ async fn membership_change(http: &reqwest::Client, base: &str, change: usize) ->
     };
     let resp = req.send().await.unwrap();
     assert!(resp.status().is_success(), "change {change}: {}", resp.status());
-    resp.json::<WriteAck>().await.unwrap().index
+    let ack = resp.json::<WriteAck>().await.unwrap();
+    assert_ne!(ack.removed, Some(false), "change {change} removed nothing");
+    ack.index
 }
 
 async fn fan_out(http: &reqwest::Client, base: &str, pid: i32, n: usize, gzip: bool, change: &mut usize) -> Run {
@@ -303,8 +305,7 @@ async fn fan_out(http: &reqwest::Client, base: &str, pid: i32, n: usize, gzip: b
         })
         .collect();
     // Every subscriber holds the snapshot in force before the first change.
-    let status: serde_json::Value =
-        http.get(format!("{base}/v1/status")).send().await.unwrap().json().await.unwrap();
+    let status: serde_json::Value = http.get(format!("{base}/v1/status")).send().await.unwrap().json().await.unwrap();
     let index = status["index"].as_u64().unwrap();
     assert!(all_hold(&latest, index, Duration::from_secs(120)).await, "{n} subscribers did not all start");
     let errors_before = errors.load(Ordering::Relaxed);

@@ -11,7 +11,8 @@ use common::*;
 
 /// alpha's sherlocks send barker to v1 only, beta's to v2 only, everyone
 /// else splits it.
-const ROUTES: &str = "barker:\n  weights: {v1: 50, v2: 50}\n  clients:\n    alpha: {v1: 100, v2: 0}\n    beta: {v1: 0, v2: 100}\n";
+const ROUTES: &str =
+    "barker:\n  weights: {v1: 50, v2: 50}\n  clients:\n    alpha: {v1: 100, v2: 0}\n    beta: {v1: 0, v2: 100}\n";
 
 /// A snapshot answer: its Content-Encoding, and its body decoded.
 async fn snapshot_as(http: &reqwest::Client, url: &str, gzip: bool) -> (Option<String>, Vec<u8>) {

@@ -429,11 +429,9 @@ async fn get_snapshot(
 /// every query that asks for the same (see [`super::answers`]).
 async fn snapshot_answer(published: &Arc<Published>, client: Option<&ClientName>, encoding: Encoding) -> Response {
     let body = published.body(Answer { view: published.view_for(client), encoding }).await;
-    let mut resp = (
-        [(header::CONTENT_TYPE, "application/json"), (header::VARY, "accept-encoding")],
-        axum::body::Body::from(body),
-    )
-        .into_response();
+    let mut resp =
+        ([(header::CONTENT_TYPE, "application/json"), (header::VARY, "accept-encoding")], axum::body::Body::from(body))
+            .into_response();
     if let Some(coding) = encoding.header() {
         resp.headers_mut().insert(header::CONTENT_ENCODING, header::HeaderValue::from_static(coding));
     }

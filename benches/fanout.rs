@@ -134,7 +134,7 @@ fn print_run(r: &Run) {
 fn heartbeat(service: usize, i: usize) -> String {
     let hb = Heartbeat {
         service: format!("svc{service}").parse().unwrap(),
-        version: if i % 10 == 0 { "v2" } else { "v1" }.parse().unwrap(),
+        version: if i.is_multiple_of(10) { "v2" } else { "v1" }.parse().unwrap(),
         url: format!("http://10.{}.{}.{}:8080/svc{service}", i / 65536, (i / 256) % 256, i % 256).parse().unwrap(),
         ttl_ms: TTL_MS,
     };
@@ -273,7 +273,7 @@ async fn membership_change(http: &reqwest::Client, base: &str, change: usize) ->
     let i = INSTANCES + change / 2;
     let s = (change / 2 * 37) % SERVICES;
     let url = format!("{base}/v1/instances/svc{s}-extra{i}");
-    let req = if change % 2 == 0 {
+    let req = if change.is_multiple_of(2) {
         http.put(url).header("content-type", "application/json").body(heartbeat(s, i))
     } else {
         http.delete(url)

@@ -106,6 +106,10 @@ pub enum ClientError {
         #[source]
         source: SnapshotError,
     },
+    /// A snapshot body in an encoding the client did not ask for, or a
+    /// gzip stream that does not decode.
+    #[error("directory {addr} sent a snapshot body that could not be decoded: {message}")]
+    BadEncoding { addr: DirectoryAddr, message: String },
 }
 
 impl ClientError {
@@ -138,6 +142,27 @@ async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Vec<u8
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// Decodes a body sent with `Content-Encoding: coding` into at most `limit`
+/// bytes: a gzip stream that inflates past it (a bomb from a hostile or
+/// broken directory) is refused (`Ok(None)`) once `limit + 1` bytes are out,
+/// never inflated whole.
+fn decode_capped(coding: Option<&str>, body: Vec<u8>, limit: usize) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read as _;
+    match coding.map(str::trim) {
+        None | Some("") => Ok((body.len() <= limit).then_some(body)),
+        Some(c) if c.eq_ignore_ascii_case("identity") => Ok((body.len() <= limit).then_some(body)),
+        Some(c) if c.eq_ignore_ascii_case("gzip") || c.eq_ignore_ascii_case("x-gzip") => {
+            let mut plain = Vec::with_capacity(body.len().saturating_mul(8).min(limit));
+            flate2::read::GzDecoder::new(&body[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut plain)
+                .map_err(|e| format!("invalid gzip: {e}"))?;
+            Ok((plain.len() <= limit).then_some(plain))
+        }
+        Some(other) => Err(format!("Content-Encoding {other:?}; a client asks for gzip or plain JSON only")),
+    }
 }
 
 /// The flags every client of the directory takes (watson, sherlock, dw):
@@ -291,13 +316,31 @@ impl DirectoryClient {
             applied_epoch: me.map(|m| m.applied.epoch),
             applied: me.map(|m| m.applied.index),
         };
-        let req = self.http.get(self.url("/v1/snapshot")).query(&query).timeout(wait + Duration::from_secs(10));
+        // gzip: a tenth of the bytes; the directory compresses once per
+        // snapshot, not per subscriber. A directory that ignores it sends JSON.
+        let req = self
+            .http
+            .get(self.url("/v1/snapshot"))
+            .query(&query)
+            .header(reqwest::header::ACCEPT_ENCODING, "gzip")
+            .timeout(wait + Duration::from_secs(10));
         let resp = self.respond(req).await?;
+        let coding = resp
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .map(|v| v.to_str().map(str::to_string).unwrap_or_else(|_| format!("{v:?}")));
         let bad = |source| ClientError::BadSnapshot { addr: self.addr.clone(), source };
+        let too_large = || bad(SnapshotError::TooLarge { limit: MAX_SNAPSHOT_BYTES });
         let body = match read_capped(resp, MAX_SNAPSHOT_BYTES).await {
             Ok(body) => body,
             Err(Some(source)) => return Err(ClientError::Decode { addr: self.addr.clone(), source }),
-            Err(None) => return Err(bad(SnapshotError::TooLarge { limit: MAX_SNAPSHOT_BYTES })),
+            Err(None) => return Err(too_large()),
+        };
+        // The limit holds on the decoded bytes too.
+        let body = match decode_capped(coding.as_deref(), body, MAX_SNAPSHOT_BYTES) {
+            Ok(Some(body)) => body,
+            Ok(None) => return Err(too_large()),
+            Err(message) => return Err(ClientError::BadEncoding { addr: self.addr.clone(), message }),
         };
         Snapshot::from_json(&body).map_err(bad)
     }
@@ -389,6 +432,40 @@ mod tests {
         let client = DirectoryClient::new(addr, Duration::from_secs(5));
         let err = client.snapshot(SnapshotId::default(), Duration::ZERO, None).await.unwrap_err().to_string();
         assert!(err.contains("refused: not a valid snapshot: commit \"abc1234\\nprogram x\""), "{err}");
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn a_gzip_body_is_decoded_within_the_limit() {
+        let json = br#"{"index":1,"services":{}}"#.to_vec();
+        assert_eq!(decode_capped(Some("gzip"), gzip(&json), 1 << 10).unwrap(), Some(json.clone()));
+        assert_eq!(decode_capped(None, json.clone(), 1 << 10).unwrap(), Some(json.clone()));
+        assert_eq!(decode_capped(None, json.clone(), 4).unwrap(), None);
+        // A bomb: 64 MiB of zeros in 64 KiB, refused at the limit, not inflated whole.
+        let bomb = gzip(&vec![0u8; 64 << 20]);
+        assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+        assert_eq!(decode_capped(Some("gzip"), bomb, 1 << 20).unwrap(), None);
+        let err = decode_capped(Some("gzip"), b"not gzip".to_vec(), 1 << 10).unwrap_err();
+        assert!(err.contains("invalid gzip"), "{err}");
+        let err = decode_capped(Some("br"), json, 1 << 10).unwrap_err();
+        assert!(err.contains(r#"Content-Encoding "br"; a client asks for gzip or plain JSON only"#), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_gzip_bomb_from_a_directory_is_refused() {
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n";
+        // Well under the limit on the wire, far over it once inflated.
+        let bomb = gzip(&vec![b' '; MAX_SNAPSHOT_BYTES + 1]);
+        let (addr, _server) = serve(head, bomb, 1).await;
+        let client = DirectoryClient::new(addr, Duration::from_secs(5));
+        let err = client.snapshot(SnapshotId::default(), Duration::ZERO, None).await.unwrap_err().to_string();
+        assert!(err.contains("sent a snapshot that was refused: the snapshot is larger than 67108864 bytes"), "{err}");
     }
 
     #[test]

@@ -25,10 +25,11 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
+use super::answers::{Answer, Encoding, Published};
 use super::auth::{Action, Caller, Denied, Unauthenticated};
 use super::limits::{check_address, Network};
 use super::{Directory, Full};
-use crate::model::{ClientName, Heartbeat, InstanceId, InstanceUrl, Snapshot, SnapshotId};
+use crate::model::{ClientName, Heartbeat, InstanceId, InstanceUrl, SnapshotId};
 use crate::protocol::{ErrorBody, InstanceStatus, RoutesStatus, SnapshotQuery, Status, WriteAck, MAX_WAIT};
 
 /// Heartbeats are tiny; anything larger is a mistake or an attack.
@@ -373,8 +374,9 @@ async fn get_snapshot(
     State(directory): State<Arc<Directory>>,
     Allowed(caller, _): Allowed<SubscribeAccess>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     QueryForm(query): QueryForm<SnapshotQuery>,
-) -> Result<Json<Arc<Snapshot>>, ApiError> {
+) -> Result<Response, ApiError> {
     let wait = match &query.wait {
         None => Duration::ZERO,
         Some(w) => humantime::parse_duration(w)
@@ -385,14 +387,17 @@ async fn get_snapshot(
         None => None,
         Some(c) => Some(c.parse::<ClientName>().map_err(|e| ApiError::BadRequest(format!("invalid client: {e}")))?),
     };
+    // The client a sherlock token is for, whatever the query claims: its
+    // view is the only one it gets.
     let client = caller.sherlock_client(client)?;
+    let encoding = Encoding::accepted(headers.get(header::ACCEPT_ENCODING).map(|h| h.as_bytes()));
     // A sherlock token's own name, whatever the query claims.
     if let Some(name) = caller.sherlock_name(query.sherlock)? {
         let name = name.parse::<InstanceId>().map_err(|_| {
             ApiError::BadRequest(format!("invalid sherlock name {name:?}: 1 to 128 of A-Z a-z 0-9 . _ -"))
         })?;
         let applied = SnapshotId { epoch: query.applied_epoch.unwrap_or(0), index: query.applied.unwrap_or(0) };
-        directory.saw_sherlock(name.to_string(), client, applied, peer);
+        directory.saw_sherlock(name.to_string(), client.clone(), applied, peer);
     }
 
     let held = SnapshotId { epoch: query.epoch, index: query.index };
@@ -400,22 +405,37 @@ async fn get_snapshot(
     let _slot = if wait.is_zero() { None } else { Some(directory.wait_slot()?) };
     let mut rx = directory.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
-    loop {
+    let current = loop {
         let current = rx.borrow_and_update().clone();
         // Any difference answers at once: a snapshot of another epoch (a
         // restarted directory, or another one) is news whatever its index.
         if current.id() != held || wait.is_zero() {
-            return Ok(Json(current));
+            break current;
         }
         tokio::select! {
             changed = tokio::time::timeout_at(deadline, rx.changed()) => {
                 if !matches!(changed, Ok(Ok(()))) {
-                    return Ok(Json(rx.borrow().clone()));
+                    break rx.borrow().clone();
                 }
             }
-            _ = directory.shutdown.cancelled() => return Ok(Json(current)),
+            _ = directory.shutdown.cancelled() => break current,
         }
+    };
+    Ok(snapshot_answer(&current, client.as_ref(), encoding).await)
+}
+
+/// The answer to a snapshot query: `client`'s view (every client's when
+/// None) in `encoding`, encoded once per published snapshot and shared by
+/// every query that asks for the same (see [`super::answers`]).
+async fn snapshot_answer(published: &Arc<Published>, client: Option<&ClientName>, encoding: Encoding) -> Response {
+    let body = published.body(Answer { view: published.view_for(client), encoding }).await;
+    let mut resp =
+        ([(header::CONTENT_TYPE, "application/json"), (header::VARY, "accept-encoding")], axum::body::Body::from(body))
+            .into_response();
+    if let Some(coding) = encoding.header() {
+        resp.headers_mut().insert(header::CONTENT_ENCODING, header::HeaderValue::from_static(coding));
     }
+    resp
 }
 
 /// `/v1/status`, read now (the status page's text form prints it too).
@@ -557,6 +577,36 @@ mod tests {
     }
 
     const GOOD: &str = r#"{"service":"emitter","version":"v1","url":"http://127.0.0.1:9001/emitter","ttl_ms":3000}"#;
+
+    #[tokio::test]
+    async fn a_snapshot_is_gzipped_for_a_client_that_asks_and_plain_otherwise() {
+        use std::io::Read as _;
+        let (app, directory) = app_for_test();
+        let get = async |accept: Option<&str>| {
+            let mut req = Request::builder().uri("/v1/snapshot");
+            if let Some(a) = accept {
+                req = req.header(header::ACCEPT_ENCODING, a);
+            }
+            let mut req = req.body(Body::empty()).unwrap();
+            req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 1))));
+            let resp = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.headers()[header::VARY], "accept-encoding");
+            let coding = resp.headers().get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap().to_string());
+            (coding, axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap())
+        };
+        let (coding, plain) = get(None).await;
+        assert_eq!(coding, None);
+        // Byte for byte the snapshot's JSON, as before the cache.
+        assert_eq!(plain, serde_json::to_vec(&*directory.snapshot()).unwrap());
+        let (coding, gzipped) = get(Some("gzip, deflate")).await;
+        assert_eq!(coding.as_deref(), Some("gzip"));
+        let mut decoded = Vec::new();
+        flate2::read::GzDecoder::new(&gzipped[..]).read_to_end(&mut decoded).unwrap();
+        assert_eq!(decoded, plain);
+        assert_eq!(get(Some("gzip;q=0")).await, (None, plain));
+        assert_eq!(directory.subscribe().borrow().encoded(), 2, "one JSON and one gzip for all four");
+    }
 
     #[tokio::test]
     async fn heartbeat_then_snapshot() {

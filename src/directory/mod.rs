@@ -1,6 +1,7 @@
 //! The directory: live instances from heartbeats, merged into numbered
 //! snapshots that sherlocks follow with blocking queries.
 
+pub mod answers;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -28,6 +29,7 @@ use crate::metrics::{self, Counter, IntGauge, Seconds};
 use crate::model::{ClientName, Heartbeat, InstanceId, ServiceName, Snapshot, SnapshotId};
 use crate::protocol::{InstanceStatus, Rejected, RoutesStatus, SherlockStatus, WriteAck};
 use crate::routes::RouteSet;
+use answers::Published;
 use auth::Auth;
 use publisher::Schedule;
 use reconcile::Trigger;
@@ -166,7 +168,8 @@ pub struct Directory {
     epoch: u64,
     started_at: SystemTime,
     inner: Mutex<Inner>,
-    snapshots: watch::Sender<Arc<Snapshot>>,
+    /// The snapshot in force, with the answers encoded from it so far.
+    snapshots: watch::Sender<Arc<Published>>,
     pub metrics: Metrics,
     /// Who may do what: tokens, roles, the webhook secret.
     pub auth: Auth,
@@ -232,7 +235,7 @@ impl Directory {
             epoch,
             started_at,
             inner: Mutex::new(Inner { routes_status, schedule, ..Inner::default() }),
-            snapshots: watch::Sender::new(Arc::new(first)),
+            snapshots: watch::Sender::new(Arc::new(Published::new(first))),
             metrics: Metrics::default(),
             auth,
             shutdown,
@@ -373,10 +376,10 @@ impl Directory {
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshots.borrow().clone()
+        self.snapshots.borrow().snapshot.clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.snapshots.subscribe()
     }
 
@@ -530,7 +533,7 @@ impl Directory {
             inner.published.pop_front();
         }
         inner.published.push_back((next.index, Instant::now()));
-        self.snapshots.send_replace(Arc::new(next));
+        self.snapshots.send_replace(Arc::new(Published::new(next)));
         inner.schedule.published(now, started.elapsed());
     }
 

@@ -112,6 +112,7 @@ async fn the_payload_runs_a_program_when_it_reaches_haproxy() {
     let forged = config.replacen("(routes commit abc1234)", &format!("(routes commit {})", payload(&marker)), 1);
     assert!(forged.contains("\nprogram pwned\n"), "{forged}");
     let cfg = tmp.path().join("haproxy.cfg");
+    std::fs::write(site.services_map(), dstack::sherlock::render::render_map(&clean).unwrap()).unwrap();
     std::fs::write(&cfg, &forged).unwrap();
     let mut haproxy = std::process::Command::new("haproxy")
         .args(["-W", "-db", "-f"])

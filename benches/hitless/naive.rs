@@ -163,6 +163,15 @@ async fn naive_loop(
                 continue;
             }
         };
+        // The frontend reads the services map the renderer makes beside it.
+        let map = site.services_map();
+        let written = dstack::sherlock::render::render_map(&snapshot)
+            .map_err(|e| e.to_string())
+            .and_then(|m| std::fs::write(&map, m).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            fail(format!("writing {}: {e}", map.display()));
+            continue;
+        }
         if let Err(e) = std::fs::write(&cfg, text) {
             fail(format!("writing {}: {e}", cfg.display()));
             continue;

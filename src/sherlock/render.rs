@@ -73,7 +73,9 @@ pub enum RenderError {
     Value(String),
     #[error("refusing to write haproxy.cfg: its line {line} is not one the built-in template makes: {text}")]
     Line { line: usize, text: String },
-    #[error("refusing to write {SERVICES_MAP}: its line {line} is not the header or `<service> svc_<service>`: {text}")]
+    #[error(
+        "refusing to write {SERVICES_MAP}: its line {line} is not the header or `<service> svc_<service>`: {text}"
+    )]
     MapLine { line: usize, text: String },
 }
 
@@ -642,7 +644,10 @@ mod tests {
         // The config reads the map the site names, in the run dir.
         assert_eq!(site().services_map(), Path::new("/run/dstack/services.map"));
         let config = Renderer::new(None).unwrap().render(&site(), &sample_snapshot()).unwrap();
-        assert!(config.contains("\n    use_backend %[path,field(2,/),map_str(/run/dstack/services.map)]\n"), "{config}");
+        assert!(
+            config.contains("\n    use_backend %[path,field(2,/),map_str(/run/dstack/services.map)]\n"),
+            "{config}"
+        );
         assert!(!config.contains("path_beg"), "no rule per service: {config}");
         // Whatever else a map holds is refused, with its line.
         for (bad, line) in [

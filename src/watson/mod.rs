@@ -152,7 +152,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             let m = metrics.clone();
             tasks.spawn(heartbeat_loop(client, id.clone(), service.clone(), state_rx.clone(), m, shutdown.clone()));
         }
-        tasks.spawn(check_loop(http.clone(), id, service, state_tx, metrics.clone(), first_tx.clone(), shutdown.clone()));
+        tasks.spawn(check_loop(
+            http.clone(),
+            id,
+            service,
+            state_tx,
+            metrics.clone(),
+            first_tx.clone(),
+            shutdown.clone(),
+        ));
     }
     drop(first_tx);
     let mut watchdog = crate::systemd::Watchdog::from_env();

@@ -173,7 +173,7 @@ impl Grammar {
         }
         if line
             == format!("    stats socket {} mode 600 level admin expose-fd listeners", self.site.admin_socket.display())
-            || line == format!("    bind {}", self.site.bind)
+            || line == format!("    bind fd@{}", dstack::sherlock::haproxy::LISTEN_FD)
         {
             return true;
         }

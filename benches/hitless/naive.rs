@@ -157,7 +157,11 @@ async fn naive_loop(
             }
         };
         let text = match renderer.render(&site, &snapshot) {
-            Ok(text) => text.replace("    master-worker\n", ""),
+            // No master-worker, and the port bound by HAProxy itself (sherlock
+            // passes its own socket as fd 3; the naive method has none).
+            Ok(text) => {
+                text.replace("    master-worker\n", "").replace("    bind fd@3\n", &format!("    bind {}\n", site.bind))
+            }
             Err(e) => {
                 fail(format!("render: {e}"));
                 continue;

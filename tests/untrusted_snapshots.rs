@@ -110,8 +110,8 @@ async fn the_payload_runs_a_program_when_it_reaches_haproxy() {
     let clean: dstack::model::Snapshot = serde_json::from_str(&snapshot(2, "abc1234", &[])).unwrap();
     let config = Renderer::new(None).unwrap().render(&site, &clean).unwrap();
     let forged = config.replacen("(routes commit abc1234)", &format!("(routes commit {})", payload(&marker)), 1);
-    // Run by hand, HAProxy has no socket at fd 3 (sherlock passes one): bind the port itself.
-    let forged = forged.replace("    bind fd@3\n", &format!("    bind {}\n", site.bind));
+    // Run without sherlock, which would hand it the listening socket (fd 3).
+    let forged = forged.replacen("bind fd@3", &format!("bind {}", site.bind), 1);
     assert!(forged.contains("\nprogram pwned\n"), "{forged}");
     let cfg = tmp.path().join("haproxy.cfg");
     std::fs::write(site.services_map(), dstack::sherlock::render::render_map(&clean).unwrap()).unwrap();

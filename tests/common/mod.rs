@@ -762,16 +762,7 @@ pub fn try_socket_command(socket: &Path, command: &str) -> std::io::Result<Strin
     Ok(text)
 }
 
-/// What HAProxy's master says of itself (`show proc`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcState {
-    /// Reloads since the master started, failed ones included.
-    pub reloads: u64,
-    /// Reloads that failed (the previous worker kept serving).
-    pub failed: u64,
-    /// The current workers' pids (not the old ones still finishing).
-    pub workers: Vec<u32>,
-}
+pub use dstack::sherlock::haproxy::ProcState;
 
 /// `show proc` on the master socket in `run_dir`, read here rather than
 /// through sherlock, so a test checks HAProxy's own account. Retries while
@@ -784,29 +775,8 @@ pub async fn show_proc(run_dir: &Path) -> ProcState {
     .await
 }
 
-/// Parses `show proc` (HAProxy 2.6): the master line, then `# workers`.
-pub fn parse_show_proc(text: &str) -> Option<ProcState> {
-    let mut state = None;
-    let mut section = "";
-    for line in text.lines() {
-        if let Some(title) = line.strip_prefix("# ") {
-            section = title.trim();
-            continue;
-        }
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            [_, "master", reloads, "[failed:", failed, ..] => {
-                state = Some(ProcState {
-                    reloads: reloads.parse().ok()?,
-                    failed: failed.trim_end_matches(']').parse().ok()?,
-                    workers: Vec::new(),
-                })
-            }
-            [pid, "worker", ..] if section == "workers" => state.as_mut()?.workers.push(pid.parse().ok()?),
-            _ => {}
-        }
-    }
-    state
-}
+/// HAProxy's `show proc`, read as sherlock reads it.
+pub use dstack::sherlock::haproxy::parse_show_proc;
 
 /// The server names `show servers state BACKEND` lists on `admin.sock`.
 pub fn haproxy_servers(run_dir: &Path, backend: &str) -> Vec<String> {

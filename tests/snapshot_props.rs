@@ -182,9 +182,10 @@ impl Grammar {
         if let Some(name) = line.strip_prefix("backend svc_") {
             return is_service(name);
         }
-        if let Some(rest) = line.strip_prefix("    use_backend svc_") {
-            let Some((name, rest)) = rest.split_once(' ') else { return false };
-            return is_service(name) && rest == format!("if {{ path /{name} }} || {{ path_beg /{name}/ }}");
+        if line.starts_with("    use_backend ") {
+            // One map lookup, on the map in the run dir, whatever the services.
+            return line
+                == format!("    use_backend %[path,field(2,/),map_str({})]", self.site.services_map().display());
         }
         if let Some(rest) = line.strip_prefix("    http-request replace-path ^/") {
             if let Some(name) = rest.strip_suffix("/?(.*)$ /\\1") {
@@ -304,13 +305,14 @@ fn the_grammar_refuses_the_attacks() {
         "    server a 10.0.0.1:80 weight 257",
         "backend svc_a b",
         "    use_backend svc_a if { path /b } || { path_beg /a/ }",
+        "    use_backend %[path,field(2,/),map_str(/etc/passwd)]",
         "    http-request replace-path ^/a(/.*)?$ /x y\\1",
     ] {
         assert!(!grammar.allows(line), "{line}");
     }
     let golden =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/haproxy.golden.cfg"));
-    let golden = golden.unwrap().replace("/run/dstack/admin.sock", "/run/dstack/sherlock/admin.sock");
+    let golden = golden.unwrap().replace("/run/dstack/", "/run/dstack/sherlock/");
     grammar.check(&golden);
 }
 

@@ -114,6 +114,7 @@ async fn the_payload_runs_a_program_when_it_reaches_haproxy() {
     let forged = forged.replacen("bind fd@3", &format!("bind {}", site.bind), 1);
     assert!(forged.contains("\nprogram pwned\n"), "{forged}");
     let cfg = tmp.path().join("haproxy.cfg");
+    std::fs::write(site.services_map(), dstack::sherlock::render::render_map(&clean).unwrap()).unwrap();
     std::fs::write(&cfg, &forged).unwrap();
     let mut haproxy = std::process::Command::new("haproxy")
         .args(["-W", "-db", "-f"])

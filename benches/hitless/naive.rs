@@ -157,12 +157,25 @@ async fn naive_loop(
             }
         };
         let text = match renderer.render(&site, &snapshot) {
-            Ok(text) => text.replace("    master-worker\n", ""),
+            // No master-worker, and the port bound by HAProxy itself (sherlock
+            // passes its own socket as fd 3; the naive method has none).
+            Ok(text) => {
+                text.replace("    master-worker\n", "").replace("    bind fd@3\n", &format!("    bind {}\n", site.bind))
+            }
             Err(e) => {
                 fail(format!("render: {e}"));
                 continue;
             }
         };
+        // The frontend reads the services map the renderer makes beside it.
+        let map = site.services_map();
+        let written = dstack::sherlock::render::render_map(&snapshot)
+            .map_err(|e| e.to_string())
+            .and_then(|m| std::fs::write(&map, m).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            fail(format!("writing {}: {e}", map.display()));
+            continue;
+        }
         if let Err(e) = std::fs::write(&cfg, text) {
             fail(format!("writing {}: {e}", cfg.display()));
             continue;

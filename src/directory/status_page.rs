@@ -621,23 +621,7 @@ mod tests {
 
     /// The router over a directory with `auth`, its publisher running.
     fn app_with(auth: crate::directory::auth::Auth) -> (axum::Router, Arc<Directory>) {
-        let config = crate::directory::Config {
-            allow_networks: vec![],
-            limits: crate::directory::limits::Limits::default(),
-            name: "test".into(),
-            address: None,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            state_dir: std::env::temp_dir(),
-            repo: None,
-            max_ttl: Duration::from_secs(10),
-            auth: crate::directory::AuthMode::Off { insecure: false },
-            webhook_secret_file: None,
-            tls: None,
-        };
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let (directory, _) = Directory::new_with_auth(config, auth, shutdown.clone());
-        tokio::spawn(crate::directory::publish_loop(directory.clone(), shutdown));
-        (crate::directory::api::app(directory.clone()), directory)
+        crate::directory::api::tests::app_with_auth(auth)
     }
 
     async fn get(app: &axum::Router, uri: &str, headers: &[(&str, &str)]) -> (u16, HeaderMap, String) {

@@ -84,11 +84,12 @@ pub type Down = BTreeSet<(String, String)>;
 /// reading 82/18 with two v1 servers) until the directory drops it. The
 /// down servers keep their weight, so one that comes back up takes its
 /// share again at once. A version with no server up is left as it is.
-pub fn spread_over_up(snapshot: &Snapshot, down: &Down) -> Snapshot {
-    let mut out = snapshot.clone();
+pub fn spread_over_up<'a>(snapshot: &'a Snapshot, down: &Down) -> std::borrow::Cow<'a, Snapshot> {
+    // Nothing down, the usual case: no copy of 10,000 backends per apply.
     if down.is_empty() {
-        return out;
+        return std::borrow::Cow::Borrowed(snapshot);
     }
+    let mut out = snapshot.clone();
     for (name, svc) in out.services.iter_mut() {
         let backend = backend_name(name.as_str());
         let is_down = |b: &Backend| down.contains(&(backend.clone(), b.id.to_string()));
@@ -107,7 +108,7 @@ pub fn spread_over_up(snapshot: &Snapshot, down: &Down) -> Snapshot {
             }
         }
     }
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 /// A file sherlock could not write: the disk is full, the run dir is
@@ -722,7 +723,7 @@ mod tests {
     fn a_server_haproxy_has_down_gives_its_versions_weight_to_the_servers_up() {
         let snapshot = weighted(5, false, &[("a", "v1", 45), ("b", "v1", 45), ("c", "v2", 5), ("d", "v2", 5)]);
         let down = |ids: &[&str]| -> Down { ids.iter().map(|id| ("svc_barker".to_string(), id.to_string())).collect() };
-        assert_eq!(spread_over_up(&snapshot, &Down::new()), snapshot, "nothing down: as the directory says");
+        assert_eq!(*spread_over_up(&snapshot, &Down::new()), snapshot, "nothing down: as the directory says");
         // v1 keeps its 90: b alone carries it; a keeps its weight, so it
         // takes its share again the moment HAProxy has it up.
         assert_eq!(
@@ -731,8 +732,8 @@ mod tests {
         );
         // A version with nothing up is left alone; another service's
         // server of the same name is not this one.
-        assert_eq!(spread_over_up(&snapshot, &down(&["c", "d"])), snapshot);
+        assert_eq!(*spread_over_up(&snapshot, &down(&["c", "d"])), snapshot);
         let elsewhere: Down = [("svc_other".to_string(), "a".to_string())].into();
-        assert_eq!(spread_over_up(&snapshot, &elsewhere), snapshot);
+        assert_eq!(*spread_over_up(&snapshot, &elsewhere), snapshot);
     }
 }

@@ -176,7 +176,9 @@ impl Haproxy {
         // does, and never takes a client.
         let stand_in = unbound_socket(self.listen).map_err(spawn)?;
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("-c").arg("-f").arg(config).stdin(Stdio::null());
+        // HAProxy returns to its start directory after parsing: give it one
+        // it may enter whatever sherlock's own (a root-only checkout, say).
+        cmd.arg("-c").arg("-f").arg(config).current_dir(&self.paths.run_dir).stdin(Stdio::null());
         pass_listener(&mut cmd, stand_in.as_raw_fd());
         let out = cmd.output().await.map_err(spawn)?;
         if out.status.success() {
@@ -275,6 +277,7 @@ impl Haproxy {
             .arg(&self.paths.master_socket)
             .arg("-f")
             .arg(&self.paths.config)
+            .current_dir(&self.paths.run_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
